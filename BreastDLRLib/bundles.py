@@ -1,0 +1,336 @@
+"""Model bundles: safetensors weights + a JSON manifest + a model card.  No pickle anywhere.
+
+A bundle is a folder::
+
+    <name>/
+      manifest.json        what the model needs and promises (architecture, input, labels, thresholds,
+                           clinical variables, provenance, metrics, licence, sha256 of the weights)
+      weights.safetensors  the tensors (fp16 or fp32)
+      MODEL_CARD.md        data, metrics, intended use (research only), limits
+
+Loading checks the manifest's format and fields, the weights' sha256, and that the tensors fit the network
+the manifest describes (names and shapes, strict); anything else is refused with a
+:class:`~BreastDLRLib.errors.ModelBundleError` that says what to do.  The models shipped in
+``Resources/Models`` are also listed in ``Resources/Models/models.json`` with the sha256 of each manifest, so
+an edited manifest (a changed threshold, say) is caught too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+from .errors import ModelBundleError
+
+BUNDLE_FORMAT = "breastdlr-bundle/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+MODEL_CARD = "MODEL_CARD.md"
+INDEX = "models.json"
+ROLES = ("segmenter", "malignancy", "risk", "fusion", "abvs-malignancy")
+REQUIRED = ("format", "name", "version", "role", "architecture", "arguments", "input", "labels", "thresholds",
+            "weights", "provenance", "metrics", "licence", "intended_use")
+
+
+def sha256_file(path: os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A verified bundle: its folder, manifest and (once built) its network."""
+
+    path: Path
+    manifest: Dict[str, Any]
+    _model: Any = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def role(self) -> str:
+        return self.manifest["role"]
+
+    @property
+    def thresholds(self) -> Dict[str, float]:
+        return self.manifest["thresholds"]
+
+    @property
+    def input(self) -> Dict[str, Any]:
+        return self.manifest["input"]
+
+    @property
+    def clinical_variables(self) -> List[Dict[str, Any]]:
+        return list(self.manifest.get("clinical_variables", []))
+
+    def describe(self) -> Dict[str, Any]:
+        return {"role": self.role, "name": self.name, "version": self.version,
+                "sha256": self.manifest["weights"]["sha256"]}
+
+    def model(self, device: str = "cpu"):
+        """The network with the bundle's weights, in eval mode, float32, on ``device`` (built once)."""
+        if self._model is None:
+            if self.is_head:
+                from .clinical import head_from_dict
+
+                self._model = head_from_dict(json.loads((self.path / self.manifest["weights"]["file"]).read_text("utf-8")))
+                return self._model
+            self._model = build_network(self.manifest, load_weights(self))
+        return self._model if self.is_head else self._model.to(device)
+
+    @property
+    def is_head(self) -> bool:
+        """A scikit-learn style fusion head stored as JSON arrays (no tensors, no pickle)."""
+        return str(self.manifest["weights"].get("file", "")).endswith(".json")
+
+
+# ---------------------------------------------------------------------------------------------- builders
+def _builders() -> Dict[str, Callable[..., Any]]:
+    from .networks.segmenter import build_segmenter
+
+    table: Dict[str, Callable[..., Any]] = {"Unet": build_segmenter}
+    try:
+        from .networks.classifiers import build_classifier
+
+        for arch in ("ThreePlaneFusion", "EmbeddingNet"):
+            table[arch] = (lambda a: (lambda **kw: build_classifier(a, **kw)))(arch)
+    except ImportError:  # pragma: no cover - classifiers are part of the package
+        pass
+    return table
+
+
+def build_network(manifest: Dict[str, Any], state: Dict[str, Any]):
+    import torch
+
+    arch = manifest["architecture"]
+    builders = _builders()
+    if arch not in builders:
+        raise ModelBundleError(
+            f"Model '{manifest.get('name')}' needs the architecture '{arch}', which this version of BreastDLR does not "
+            f"have (known: {', '.join(sorted(builders))}); update BreastDLR or use a matching model."
+        )
+    args = dict(manifest.get("arguments", {}))
+    for k, v in list(args.items()):
+        if isinstance(v, list):
+            args[k] = tuple(v)
+    try:
+        net = builders[arch](**args)
+    except TypeError as exc:
+        raise ModelBundleError(f"Model '{manifest.get('name')}': its arguments do not fit '{arch}' ({exc}).") from exc
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(expected[k].shape) != tuple(state[k].shape)]
+    if missing or extra or wrong:
+        detail = "; ".join(
+            s for s in (
+                f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing else "",
+                f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
+                f"{len(wrong)} of the wrong shape (e.g. {wrong[0]})" if wrong else "",
+            ) if s
+        )
+        raise ModelBundleError(
+            f"Model '{manifest.get('name')}': the weights do not match the network its manifest describes ({detail}); "
+            "the bundle is damaged or mixed up with another model: reinstall it."
+        )
+    net.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_manifest(path: os.PathLike) -> Dict[str, Any]:
+    folder = Path(path)
+    mpath = folder / MANIFEST if folder.is_dir() else folder
+    if not mpath.is_file():
+        raise ModelBundleError(f"No model bundle at {folder}: {MANIFEST} is missing. Choose a folder made by 'breastdlr train'.")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelBundleError(f"The model manifest {mpath} is not valid JSON ({exc}); the bundle is damaged: reinstall it.") from exc
+    if not isinstance(manifest, dict):
+        raise ModelBundleError(f"The model manifest {mpath} is not a JSON object; the bundle is damaged: reinstall it.")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise ModelBundleError(
+            f"{mpath} is a '{manifest.get('format')}' bundle; this BreastDLR reads '{BUNDLE_FORMAT}'. Update BreastDLR or re-export the model."
+        )
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise ModelBundleError(f"The model manifest {mpath} lacks {', '.join(missing)}; the bundle is incomplete: reinstall it.")
+    if manifest["role"] not in ROLES:
+        raise ModelBundleError(f"The model manifest {mpath} has an unknown role '{manifest['role']}' (known: {', '.join(ROLES)}).")
+    w = manifest["weights"]
+    if not isinstance(w, dict) or not isinstance(w.get("sha256"), str) or len(w["sha256"]) != 64:
+        raise ModelBundleError(f"The model manifest {mpath} carries no sha256 of its weights; it cannot be verified and is refused.")
+    return manifest
+
+
+def _index_entry(folder: Path) -> Optional[Dict[str, Any]]:
+    index = folder.parent / INDEX
+    if not index.is_file():
+        return None
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8")).get("models", [])
+    except json.JSONDecodeError as exc:
+        raise ModelBundleError(f"The list of models {index} is damaged ({exc}); reinstall BreastDLR's models.") from exc
+    for e in entries:
+        if e.get("folder") == folder.name:
+            return e
+    return None
+
+
+def open_bundle(path: os.PathLike, verify: bool = True) -> Bundle:
+    """Read and verify a bundle folder; the network is built lazily by :meth:`Bundle.model`."""
+    folder = Path(path).expanduser().resolve()
+    manifest = read_manifest(folder)
+    if verify:
+        entry = _index_entry(folder)
+        if entry is not None and entry.get("manifest_sha256") != sha256_file(folder / MANIFEST):
+            raise ModelBundleError(
+                f"The manifest of model '{manifest['name']}' was changed after it was released (its checksum differs "
+                f"from {INDEX}); it is refused. Reinstall the model."
+            )
+        wfile = folder / manifest["weights"].get("file", WEIGHTS)
+        if not wfile.is_file():
+            raise ModelBundleError(f"Model '{manifest['name']}': the weights file {wfile.name} is missing; reinstall the model.")
+        if sha256_file(wfile) != manifest["weights"]["sha256"]:
+            raise ModelBundleError(
+                f"Model '{manifest['name']}': the weights file does not match its checksum; it was altered or damaged "
+                "and is refused. Reinstall the model."
+            )
+    return Bundle(folder, manifest)
+
+
+def load_weights(bundle: Bundle) -> Dict[str, Any]:
+    """Tensors of the bundle, read with safetensors (no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    wfile = bundle.path / bundle.manifest["weights"].get("file", WEIGHTS)
+    try:
+        return load_file(str(wfile))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelBundleError(f"Model '{bundle.name}': the weights cannot be read ({exc}); reinstall the model.") from exc
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def save_bundle(
+    folder: os.PathLike,
+    model: Any,
+    manifest: Dict[str, Any],
+    model_card: str,
+    half: bool = False,
+) -> Bundle:
+    """Write a bundle atomically (a temporary folder renamed at the end) and return it verified."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    save_file(state, str(tmp / WEIGHTS))
+    m = dict(manifest)
+    m["format"] = BUNDLE_FORMAT
+    m["weights"] = {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS),
+                    "dtype": "float16" if half else str(next(iter(state.values())).dtype).replace("torch.", ""),
+                    "bytes": (tmp / WEIGHTS).stat().st_size}
+    m.setdefault("model_card", MODEL_CARD)
+    (tmp / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    (tmp / MODEL_CARD).write_text(model_card, encoding="utf-8")
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return open_bundle(folder)
+
+
+def save_head_bundle(folder: os.PathLike, head_state: Dict[str, Any], manifest: Dict[str, Any], model_card: str) -> Bundle:
+    """Write a fusion-head bundle: the head's fitted arrays as JSON (checksummed like weights)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    (tmp / "head.json").write_text(json.dumps(head_state) + "\n", encoding="utf-8")
+    m = dict(manifest)
+    m["format"] = BUNDLE_FORMAT
+    m["weights"] = {"file": "head.json", "sha256": sha256_file(tmp / "head.json"), "dtype": "float64",
+                    "bytes": (tmp / "head.json").stat().st_size}
+    m.setdefault("model_card", MODEL_CARD)
+    (tmp / MANIFEST).write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
+    (tmp / MODEL_CARD).write_text(model_card, encoding="utf-8")
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return open_bundle(folder)
+
+
+def write_index(models_dir: os.PathLike) -> Path:
+    """(Re)write ``models.json`` listing every bundle under ``models_dir`` with its checksums."""
+    models_dir = Path(models_dir)
+    entries = []
+    for sub in sorted(p for p in models_dir.iterdir() if (p / MANIFEST).is_file()):
+        m = read_manifest(sub)
+        entries.append({"folder": sub.name, "name": m["name"], "version": m["version"], "role": m["role"],
+                        "manifest_sha256": sha256_file(sub / MANIFEST), "weights_sha256": m["weights"]["sha256"],
+                        "default": bool(m.get("default", False))})
+    out = models_dir / INDEX
+    out.write_text(json.dumps({"format": "breastdlr-models/1", "models": entries}, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+def models_dirs(extra_dirs: Iterable[os.PathLike] = ()) -> List[Path]:
+    from .resources import resources_dir
+
+    dirs = [Path(d) for d in extra_dirs]
+    user = os.environ.get("BREASTDLR_MODELS")
+    if user:
+        dirs.extend(Path(p) for p in user.split(os.pathsep) if p)
+    res = resources_dir()
+    if res is not None:
+        dirs.append(res / "Models")
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_bundles(extra_dirs: Iterable[os.PathLike] = ()) -> List[Dict[str, Any]]:
+    """Every readable bundle in the known model folders: name, version, role, path, default, manifest."""
+    found = []
+    for d in models_dirs(extra_dirs):
+        for sub in sorted(p for p in d.iterdir() if (p / MANIFEST).is_file()):
+            try:
+                m = read_manifest(sub)
+            except ModelBundleError:
+                continue
+            found.append({"name": m["name"], "version": m["version"], "role": m["role"], "path": str(sub),
+                          "default": bool(m.get("default", False)), "manifest": m})
+    return found
+
+
+def default_bundle(role: str, extra_dirs: Iterable[os.PathLike] = ()) -> Bundle:
+    """The shipped default model for ``role`` (e.g. "segmenter"), verified."""
+    cands = [b for b in list_bundles(extra_dirs) if b["role"] == role]
+    if not cands:
+        raise ModelBundleError(
+            f"No {role} model is installed. Reinstall BreastDLR (its models live in Resources/Models) or pass --model."
+        )
+    cands.sort(key=lambda b: (not b["default"],))
+    return open_bundle(cands[0]["path"])

@@ -1,0 +1,38 @@
+"""Evaluation statistics for research use: ROC/AUC with DeLong or bootstrap CIs, the paired DeLong
+test, binary metrics with binomial CIs, Youden threshold, McNemar, Cohen's and Fleiss' kappa,
+decision-curve net benefit and calibration (numpy/scipy only; see :mod:`.stats`)."""
+from __future__ import annotations
+
+from .stats import (  # noqa: F401
+    AUCResult,
+    BinaryMetrics,
+    CalibrationResult,
+    DeLongTestResult,
+    Estimate,
+    EvaluationInputError,
+    FleissKappaResult,
+    KappaResult,
+    McNemarResult,
+    NetBenefitResult,
+    RocCurve,
+    YoudenResult,
+    binary_metrics,
+    calibration_curve,
+    cohen_kappa,
+    delong_placements,
+    delong_test,
+    fleiss_kappa,
+    mcnemar,
+    net_benefit,
+    proportion_ci,
+    roc_auc,
+    roc_curve,
+    youden_threshold,
+)
+
+__all__ = [
+    "AUCResult", "BinaryMetrics", "CalibrationResult", "DeLongTestResult", "Estimate", "EvaluationInputError",
+    "FleissKappaResult", "KappaResult", "McNemarResult", "NetBenefitResult", "RocCurve", "YoudenResult",
+    "binary_metrics", "calibration_curve", "cohen_kappa", "delong_placements", "delong_test", "fleiss_kappa",
+    "mcnemar", "net_benefit", "proportion_ci", "roc_auc", "roc_curve", "youden_threshold",
+]

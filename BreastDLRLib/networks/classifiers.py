@@ -1,0 +1,376 @@
+"""Lesion classifiers of published deep-learning radiomics (DLR) systems for breast ultrasound.
+
+* :class:`ThreePlaneFusion` — Liu et al. 2025 (automated breast volume scanner, ABVS): one ResNet trunk
+  per plane; transverse and sagittal features are added, the sum is concatenated with the coronal
+  features, a fully connected layer halves the fused width (2C → C, ReLU, dropout), then C → classes.
+* :class:`EmbeddingNet` — Lu et al. 2025: a ResNet whose final layer becomes a 128-wide image
+  embedding (Linear C → 128, ReLU) followed by a classification layer (128 → classes).  The embedding
+  feeds the clinical fusion heads of :mod:`BreastDLRLib.clinical`.
+* :func:`predict_frames` — per-lesion probability as the mean of the per-frame softmax P(malignant).
+* :func:`build_classifier` — rebuild a network from a bundle manifest's ``architecture``/``arguments``.
+
+Trunks are torchvision ResNets built with ``weights=None`` (nothing is downloaded).  Class index 1 is
+"malignant" (or "high risk") by convention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision import models as tv_models
+
+from ..errors import ModelBundleError
+
+PLANES: Tuple[str, str, str] = ("transverse", "sagittal", "coronal")
+RESNETS: Dict[str, Callable[..., nn.Module]] = {
+    "resnet18": tv_models.resnet18,
+    "resnet34": tv_models.resnet34,
+    "resnet50": tv_models.resnet50,
+    "resnet101": tv_models.resnet101,
+}
+
+PlaneInput = Union[torch.Tensor, Mapping[str, Optional[torch.Tensor]]]
+
+
+def _match_channels(x: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Replicate a grey image (1 channel) to ``in_channels``; refuse any other mismatch."""
+    if x.ndim != 4:
+        raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
+    if x.shape[1] == in_channels:
+        return x
+    if x.shape[1] == 1:
+        return x.expand(-1, in_channels, -1, -1)
+    raise ValueError(f"expected {in_channels} (or 1 grey) channels, got {x.shape[1]}")
+
+
+class ResNetTrunk(nn.Module):
+    """A torchvision ResNet up to the last convolutional stage and global average pooling.
+
+    ``forward(x: (B, C, H, W)) -> (B, out_features)``; ``out_features`` is 2048 for resnet50 and 512
+    for resnet18.  Grey (1-channel) input is replicated to the trunk's ``in_channels``.
+    """
+
+    def __init__(self, backbone: str = "resnet50", in_channels: int = 3) -> None:
+        super().__init__()
+        if backbone not in RESNETS:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(RESNETS)}")
+        net = RESNETS[backbone](weights=None)
+        if in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.backbone = backbone
+        self.in_channels = int(in_channels)
+        self.out_features = int(net.fc.in_features)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.avgpool = net.avgpool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _match_channels(x, self.in_channels)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def last_conv_block(self) -> nn.Module:
+        """The last residual block of the last convolutional stage (``layer4[-1]``), the usual
+        Grad-CAM target for ResNets: its output is the (B, C, H/32, W/32) map that is pooled."""
+        return self.layer4[-1]
+
+
+class ThreePlaneFusion(nn.Module):
+    """Liu et al. 2025 three-plane fusion classifier.
+
+    ``planes`` names the three inputs in role order: features of ``planes[0]`` and ``planes[1]``
+    (transverse, sagittal) are ADDED; the sum is CONCATENATED with ``planes[2]`` (coronal), giving width
+    2C; ``reduce`` (Linear 2C → C) + ReLU gives the fused embedding; dropout; ``classifier`` (C → classes).
+
+    Input: a dict plane → (B, 3 or 1, H, W) (a plane absent from the dict or set to None is missing),
+    a tensor (B, 3, C, H, W) with planes in ``planes`` order, or a tensor (B, C, H, W) meaning the
+    first plane (transverse) only — a 2D image.
+
+    Missing planes: a missing plane contributes a feature vector of ZEROS, so a missing sagittal plane
+    leaves the transverse features alone in the sum, and a missing coronal plane leaves zeros in the
+    concatenated half.  ``plane_mask`` (B, 3) bool marks, per sample, which planes are present (AND-ed with
+    the planes given).  Each sample needs at least one plane.  Zero-filling is exact for the planes
+    given, but a net trained only on complete triplets has not seen zeros: treat 2D results with care.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        num_classes: int = 2,
+        planes: Sequence[str] = PLANES,
+        dropout: float = 0.5,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        planes = tuple(str(p) for p in planes)
+        if len(planes) != 3 or len(set(planes)) != 3:
+            raise ValueError(f"ThreePlaneFusion needs three distinct plane names, got {planes}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.backbone, self.num_classes, self.planes = backbone, int(num_classes), planes
+        self.dropout_p, self.in_channels = float(dropout), int(in_channels)
+        self.trunks = nn.ModuleDict({p: ResNetTrunk(backbone, in_channels) for p in planes})
+        width = self.trunks[planes[0]].out_features
+        self.feature_width = width
+        self.reduce = nn.Linear(2 * width, width)
+        self.dropout = nn.Dropout(self.dropout_p)
+        self.classifier = nn.Linear(width, self.num_classes)
+
+    # ------------------------------------------------------------------ inputs
+    def _split(self, x: PlaneInput) -> Dict[str, torch.Tensor]:
+        if isinstance(x, Mapping):
+            unknown = set(x) - set(self.planes)
+            if unknown:
+                raise ValueError(f"unknown plane(s) {sorted(unknown)}; this model uses {list(self.planes)}")
+            given = {p: t for p, t in x.items() if t is not None}
+        elif isinstance(x, torch.Tensor) and x.ndim == 5:
+            if x.shape[1] != 3:
+                raise ValueError(f"expected (B, 3 planes, C, H, W), got {tuple(x.shape)}")
+            given = {p: x[:, n] for n, p in enumerate(self.planes)}
+        elif isinstance(x, torch.Tensor) and x.ndim == 4:
+            given = {self.planes[0]: x}
+        else:
+            raise ValueError("expected a dict plane → (B, C, H, W), a (B, 3, C, H, W) or a (B, C, H, W) tensor")
+        if not given:
+            raise ValueError("no plane was given")
+        sizes = {int(t.shape[0]) for t in given.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"planes have different batch sizes {sorted(sizes)}")
+        return given
+
+    def presence(self, x: PlaneInput, plane_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 3) bool: which planes count for each sample (given AND ``plane_mask``)."""
+        given = self._split(x)
+        ref = next(iter(given.values()))
+        present = torch.tensor([p in given for p in self.planes], device=ref.device)
+        present = present.unsqueeze(0).expand(ref.shape[0], 3)
+        if plane_mask is not None:
+            plane_mask = torch.as_tensor(plane_mask, dtype=torch.bool, device=ref.device)
+            if plane_mask.shape != present.shape:
+                raise ValueError(f"plane_mask must have shape {tuple(present.shape)}, got {tuple(plane_mask.shape)}")
+            present = present & plane_mask
+        empty = (~present.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"sample(s) {empty} have no plane left after masking")
+        return present
+
+    # ------------------------------------------------------------------ computation
+    def plane_features(self, x: PlaneInput, plane_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Per-plane trunk features (B, C); a missing plane (or masked sample) gives zeros."""
+        given = self._split(x)
+        present = self.presence(given, plane_mask)
+        ref = next(iter(given.values()))
+        feats: Dict[str, torch.Tensor] = {}
+        for n, plane in enumerate(self.planes):
+            keep = present[:, n]
+            if plane in given and bool(keep.any()):
+                f = self.trunks[plane](given[plane])
+                feats[plane] = f * keep.to(f.dtype).unsqueeze(1)
+            else:
+                feats[plane] = torch.zeros(ref.shape[0], self.feature_width, dtype=ref.dtype, device=ref.device)
+        return feats
+
+    def fuse_features(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The fused width-C embedding: ReLU(reduce(cat(f0 + f1, f2))); missing keys count as zeros."""
+        ref = next(iter(features.values()))
+        zeros = torch.zeros(ref.shape[0], self.feature_width, dtype=ref.dtype, device=ref.device)
+        f0, f1, f2 = (features.get(p, zeros) for p in self.planes)
+        return torch.relu(self.reduce(torch.cat([f0 + f1, f2], dim=1)))
+
+    def embed(self, x: PlaneInput, plane_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, C) fused embedding (before dropout and the classification layer)."""
+        return self.fuse_features(self.plane_features(x, plane_mask))
+
+    def forward(self, x: PlaneInput, plane_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, num_classes) logits."""
+        return self.classifier(self.dropout(self.embed(x, plane_mask)))
+
+    def feature_layers(self) -> Dict[str, nn.Module]:
+        """plane → last convolutional block of its trunk (Grad-CAM target)."""
+        return {p: self.trunks[p].last_conv_block() for p in self.planes}
+
+    def config(self) -> Dict[str, Any]:
+        """``{"architecture", "arguments"}`` for a bundle manifest; :func:`build_classifier` inverts it."""
+        return {
+            "architecture": "ThreePlaneFusion",
+            "arguments": {
+                "backbone": self.backbone,
+                "num_classes": self.num_classes,
+                "planes": list(self.planes),
+                "dropout": self.dropout_p,
+                "in_channels": self.in_channels,
+            },
+        }
+
+
+class PlaneView(nn.Module):
+    """One plane of a :class:`ThreePlaneFusion` input as a 4D-input model, the other planes held fixed.
+
+    ``PlaneView(model, x, "sagittal")(img)`` = ``model({**x, "sagittal": img})``.  Grad-CAM tools that
+    expect a (B, C, H, W) input use it with ``model.feature_layers()[plane]`` as target layer.
+    """
+
+    def __init__(self, model: ThreePlaneFusion, planes: Mapping[str, Optional[torch.Tensor]], plane: str,
+                 plane_mask: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        if plane not in model.planes:
+            raise ValueError(f"unknown plane {plane!r}; this model uses {list(model.planes)}")
+        self.model, self.plane, self.plane_mask = model, plane, plane_mask
+        self.others = {p: (None if t is None else t.detach()) for p, t in planes.items() if p != plane}
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model({**self.others, self.plane: image}, self.plane_mask)
+
+
+class EmbeddingNet(nn.Module):
+    """Lu et al. 2025 image model: ResNet trunk → Linear(C → embedding_dim) → ReLU = the embedding;
+    dropout → Linear(embedding_dim → classes) = the logits.
+
+    The embedding is exactly what the classification layer sees (``logits = classifier(embed(x))`` in
+    eval mode), so it is non-negative; it is the image input of the clinical fusion heads.  Takes one 2D
+    view (B, C, H, W); apply it to each plane of a volume separately.  Grey images are replicated to 3
+    channels unless ``in_channels=1``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        embedding_dim: int = 128,
+        num_classes: int = 2,
+        in_channels: int = 3,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.backbone, self.embedding_dim, self.num_classes = backbone, int(embedding_dim), int(num_classes)
+        self.in_channels, self.dropout_p = int(in_channels), float(dropout)
+        self.trunk = ResNetTrunk(backbone, in_channels)
+        self.feature_width = self.trunk.out_features
+        self.embedding = nn.Linear(self.feature_width, self.embedding_dim)
+        self.dropout = nn.Dropout(self.dropout_p)
+        self.classifier = nn.Linear(self.embedding_dim, self.num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, embedding_dim) image embedding."""
+        return torch.relu(self.embedding(self.trunk(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, num_classes) logits."""
+        return self.classifier(self.dropout(self.embed(x)))
+
+    def feature_layers(self) -> Dict[str, nn.Module]:
+        """``{"image": last convolutional block}`` (Grad-CAM target)."""
+        return {"image": self.trunk.last_conv_block()}
+
+    def config(self) -> Dict[str, Any]:
+        return {
+            "architecture": "EmbeddingNet",
+            "arguments": {
+                "backbone": self.backbone,
+                "embedding_dim": self.embedding_dim,
+                "num_classes": self.num_classes,
+                "in_channels": self.in_channels,
+                "dropout": self.dropout_p,
+            },
+        }
+
+
+# ---------------------------------------------------------------------------- inference helpers
+@dataclass
+class FramePrediction:
+    """Per-lesion result of :func:`predict_frames`; ``float(pred)`` is the probability."""
+
+    probability: float
+    frame_probabilities: np.ndarray = field(repr=False)
+    threshold: float = 0.5
+    malignant: bool = False
+
+    def __float__(self) -> float:
+        return self.probability
+
+
+def _n_frames(frames: PlaneInput) -> int:
+    if isinstance(frames, Mapping):
+        sizes = {int(t.shape[0]) for t in frames.values() if t is not None}
+        if len(sizes) != 1:
+            raise ValueError(f"planes have different numbers of frames {sorted(sizes)}")
+        return sizes.pop()
+    return int(frames.shape[0])
+
+
+def _batches(frames: PlaneInput, batch_size: int) -> Iterator[PlaneInput]:
+    n = _n_frames(frames)
+    for start in range(0, n, batch_size):
+        if isinstance(frames, Mapping):
+            yield {p: (t[start : start + batch_size] if t is not None else None) for p, t in frames.items()}
+        else:
+            yield frames[start : start + batch_size]
+
+
+def _as_tensor(frames: Any) -> PlaneInput:
+    def one(t: Any) -> torch.Tensor:
+        return (t if torch.is_tensor(t) else torch.as_tensor(np.asarray(t))).float()
+
+    if isinstance(frames, Mapping):
+        return {p: (None if t is None else one(t)) for p, t in frames.items()}
+    return one(frames)
+
+
+def predict_frames(
+    model: nn.Module,
+    frames: Any,
+    threshold: float = 0.5,
+    batch_size: int = 16,
+    positive_index: int = 1,
+) -> FramePrediction:
+    """Probability of the positive class for one lesion seen in several frames.
+
+    ``frames``: (N, C, H, W) for :class:`EmbeddingNet`; (N, 3, C, H, W), a dict plane → (N, C, H, W) or
+    (N, C, H, W) for :class:`ThreePlaneFusion`.  The model runs in eval mode without gradients (its
+    training flag is restored); P = mean over frames of softmax(logits)[positive_index]; malignant when
+    P >= threshold.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    frames = _as_tensor(frames)
+    if _n_frames(frames) == 0:
+        raise ValueError("no frame to classify")
+    was_training = model.training
+    model.eval()
+    try:
+        probs = []
+        with torch.no_grad():
+            for batch in _batches(frames, max(1, int(batch_size))):
+                probs.append(torch.softmax(model(batch).float(), dim=1)[:, positive_index])
+    finally:
+        model.train(was_training)
+    frame_p = torch.cat(probs).cpu().numpy().astype(np.float64)
+    p = float(frame_p.mean())
+    return FramePrediction(probability=p, frame_probabilities=frame_p, threshold=float(threshold), malignant=p >= threshold)
+
+
+# ---------------------------------------------------------------------------- registry
+ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {
+    "ThreePlaneFusion": ThreePlaneFusion,
+    "EmbeddingNet": EmbeddingNet,
+}
+
+
+def build_classifier(arch: str, **kwargs: Any) -> nn.Module:
+    """A freshly initialised network from a manifest's ``architecture`` and ``arguments``."""
+    if arch not in ARCHITECTURES:
+        raise ModelBundleError(
+            f"The model bundle asks for the classifier {arch!r}, which this BreastDLR version does not know "
+            f"(known: {', '.join(ARCHITECTURES)}); update BreastDLR or use a matching bundle."
+        )
+    try:
+        return ARCHITECTURES[arch](**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ModelBundleError(
+            f"The model bundle's arguments for {arch} are not valid ({exc}); the bundle does not match this code."
+        ) from exc

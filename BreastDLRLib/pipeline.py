@@ -1,0 +1,292 @@
+"""The one pipeline every caller uses: segment → lesions → planes → classify → explain → recommend.
+
+The CLI (``segment``, ``analyze``, ``predict``), the Slicer worker, batch runs and training's validation all
+go through :class:`Pipeline`; a caller that needs a different path adds an option here.  Writing files is
+in :mod:`BreastDLRLib.outputs`; this module computes and returns plain results.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .bundles import Bundle, default_bundle, open_bundle
+from .errors import ClinicalInputError, InputError, ModelBundleError
+from .lesions import Lesion, find_lesions
+from .progress import CancelCheck, ProgressCallback, check_cancel, no_progress
+from .segmentation import SliceSegmenter, resolve_device
+from .volume import Volume
+
+CLASSIFIER_ROLES = ("malignancy", "risk", "abvs-malignancy", "fusion")
+
+
+@dataclass
+class LesionResult:
+    lesion: Lesion
+    probabilities: Dict[str, Optional[float]] = field(default_factory=dict)
+    frame_probabilities: Dict[str, List[float]] = field(default_factory=dict)
+    thresholds: Dict[str, float] = field(default_factory=dict)
+    recommendation: Optional[Any] = None          # recommend.Recommendation
+    crops: Dict[str, Any] = field(default_factory=dict, repr=False)   # plane -> [PlaneCrop]
+    cams: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    embedding: Optional[np.ndarray] = field(default=None, repr=False)
+
+
+@dataclass
+class Analysis:
+    volume: Volume
+    probability: Volume
+    labels: Volume
+    lesions: List[LesionResult]
+    heatmap: Optional[Volume]
+    models: List[Dict[str, Any]]
+    clinical: Dict[str, Any] = field(default_factory=dict)
+    clinical_notes: List[str] = field(default_factory=list)
+    birads: Optional[str] = None
+    timings: Dict[str, float] = field(default_factory=dict)
+    precision: str = "fp32"
+
+
+class Pipeline:
+    """Holds verified model bundles and runs them on volumes.
+
+    ``Pipeline.from_paths(paths)`` takes any bundle folders (their manifest says their role) and the shipped
+    defaults for the roles not given.  ``bf16=None`` follows each bundle's measured setting.
+    """
+
+    def __init__(self, bundles: Mapping[str, Bundle], device: str = "auto", bf16: Optional[bool] = None,
+                 batch_size: int = 16):
+        if "segmenter" not in bundles:
+            raise ModelBundleError("No lesion segmenter model was given or installed; reinstall BreastDLR or pass --model.")
+        self.bundles = dict(bundles)
+        self.device = resolve_device(device)
+        self.bf16 = bf16
+        self.batch_size = batch_size
+        self._segmenter: Optional[SliceSegmenter] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_paths(cls, paths: Optional[Sequence[str]] = None, device: str = "auto", roles: Sequence[str] = ("segmenter",),
+                   optional_roles: Sequence[str] = (), **kw: Any) -> "Pipeline":
+        """Bundles from ``paths`` (by their declared role) plus shipped defaults for ``roles`` (required) and
+        ``optional_roles`` (used when installed)."""
+        bundles: Dict[str, Bundle] = {}
+        for p in paths or ():
+            b = open_bundle(p)
+            if b.role in bundles:
+                raise ModelBundleError(f"Two {b.role} models were given ({bundles[b.role].name} and {b.name}); pass one.")
+            bundles[b.role] = b
+        for role in roles:
+            if role not in bundles:
+                bundles[role] = default_bundle(role)
+        for role in optional_roles:
+            if role not in bundles:
+                try:
+                    bundles[role] = default_bundle(role)
+                except ModelBundleError:
+                    pass
+        return cls(bundles, device=device, **kw)
+
+    def models(self) -> List[Dict[str, Any]]:
+        return [b.describe() for b in self.bundles.values()]
+
+    @property
+    def segmenter(self) -> SliceSegmenter:
+        if self._segmenter is None:
+            self._segmenter = SliceSegmenter.from_bundle(self.bundles["segmenter"], device=str(self.device),
+                                                         batch_size=self.batch_size, bf16=self.bf16)
+        return self._segmenter
+
+    def clinical_schema(self):
+        """The clinical variables the loaded models declare (union, first declaration wins)."""
+        from .clinical import ClinicalSchema
+
+        seen: Dict[str, Dict[str, Any]] = {}
+        for b in self.bundles.values():
+            for v in b.clinical_variables:
+                seen.setdefault(v["name"], v)
+        return ClinicalSchema(list(seen.values()))
+
+    # ------------------------------------------------------------------ stages
+    def segment(self, volume: Volume, progress: ProgressCallback = no_progress,
+                cancel: Optional[CancelCheck] = None) -> Analysis:
+        """Segmentation and lesion measurement only."""
+        volume.validate()
+        t0 = time.perf_counter()
+        seg = self.segmenter(volume, progress=progress, cancel=cancel)
+        t1 = time.perf_counter()
+        th = self.bundles["segmenter"].thresholds
+        min_fraction = th.get("min_lesion_fraction", 0.0) if volume.metadata.get("spacing_source") == "unknown" else 0.0
+        labels, lesions = find_lesions(seg.probability, threshold=th.get("probability", 0.5),
+                                       min_size_mm3=th.get("min_lesion_mm3", 1.0),
+                                       min_size_mm2=th.get("min_lesion_mm2", 2.0), min_fraction=min_fraction)
+        t2 = time.perf_counter()
+        timings = {"segment_" + k: v for k, v in seg.timings.items()}
+        timings.update({"segment_total": t1 - t0, "lesions": t2 - t1})
+        return Analysis(volume, seg.probability, labels, [LesionResult(l) for l in lesions], None, self.models(),
+                        timings=timings, precision=seg.precision)
+
+    def analyze(self, volume: Volume, clinical: Optional[Mapping[str, Any]] = None, birads: Optional[str] = None,
+                explain: bool = True, progress: ProgressCallback = no_progress,
+                cancel: Optional[CancelCheck] = None) -> Analysis:
+        """Segment, then classify, explain and recommend for every lesion."""
+        from .recommend import normalise_birads, recommend
+
+        birads_n = normalise_birads(birads) if birads else None
+        schema = self.clinical_schema()
+        cleaned, notes = self._clinical(schema, clinical or {})
+        result = self.segment(volume, progress=lambda s, f, m="": progress("segment", 0.6 * f, m), cancel=cancel)
+        result.clinical, result.clinical_notes, result.birads = cleaned, notes, birads_n
+        heat = np.zeros(volume.shape, dtype=np.float32) if explain else None
+        t0 = time.perf_counter()
+        timing = {"crops": 0.0, "classify": 0.0, "explain": 0.0}
+        n = len(result.lesions)
+        for idx, lr in enumerate(result.lesions):
+            check_cancel(cancel)
+            progress("classify", 0.6 + 0.4 * idx / max(n, 1), f"lesion {idx + 1} of {n}")
+            self._classify(volume, lr, schema, cleaned, heat, timing)
+            lr.recommendation = recommend(
+                birads_n, lr.probabilities.get("high_risk"), self._decision_probability(lr),
+                risk_threshold=lr.thresholds.get("high_risk", 0.5),
+                malignancy_threshold=lr.thresholds.get("malignancy", 0.5),
+            )
+        progress("classify", 1.0, f"{n} lesion(s) analysed")
+        result.timings.update(timing)
+        result.timings["classify_total"] = time.perf_counter() - t0
+        if heat is not None:
+            result.heatmap = volume.with_array(heat)
+        return result
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _clinical(schema, values: Mapping[str, Any]):
+        if not schema.variables:
+            if values:
+                raise ClinicalInputError(
+                    f"The loaded models use no clinical information, but {', '.join(values)} was given; "
+                    "remove it or choose a model that uses it."
+                )
+            return {}, []
+        cleaned = schema.parse_values(values)
+        _, notes = schema.encode(cleaned)
+        return cleaned, notes
+
+    @staticmethod
+    def _decision_probability(lr: LesionResult) -> Optional[float]:
+        p = lr.probabilities
+        for key in ("malignancy_fused", "malignancy"):
+            if p.get(key) is not None:
+                return p[key]
+        return None
+
+    def _model_input(self, bundle: Bundle) -> Dict[str, Any]:
+        inp = bundle.input
+        size = inp.get("size", 224)
+        return {"size": int(size[0] if isinstance(size, (list, tuple)) else size),
+                "margin": float(inp.get("margin", 0.3)), "n_frames": int(inp.get("frames", 1))}
+
+    def _classify(self, volume: Volume, lr: LesionResult, schema, cleaned, heat, timing) -> None:
+        from .explain import gradcam_planes, heatmap_to_volume
+        from .networks.classifiers import predict_frames
+        from .planes import available_planes, crop_planes
+
+        les = lr.lesion
+        is_3d = len(available_planes(volume)) == 3
+        mal_role = "abvs-malignancy" if (is_3d and "abvs-malignancy" in self.bundles) else "malignancy"
+        explained = False
+        for role, key in ((mal_role, "malignancy"), ("risk", "high_risk")):
+            b = self.bundles.get(role)
+            if b is None:
+                lr.probabilities.setdefault(key, None)
+                continue
+            t = time.perf_counter()
+            spec = self._model_input(b)
+            arch = b.manifest["architecture"]
+            planes = ("transverse", "sagittal", "coronal") if arch == "ThreePlaneFusion" else ("transverse",)
+            crops = crop_planes(volume, les.bbox_kji, les.centre_kji, size=spec["size"], margin=spec["margin"],
+                                n_frames=spec["n_frames"], mask=les.mask, planes=planes)
+            if key == "malignancy":
+                lr.crops = crops
+            timing["crops"] += time.perf_counter() - t
+            t = time.perf_counter()
+            model = b.model(str(self.device))
+            inputs = {p: torch.from_numpy(np.stack([c.image for c in crops[p]])[:, None].repeat(3, 1)).float().to(self.device)
+                      for p in crops}
+            frames = inputs if arch == "ThreePlaneFusion" else inputs["transverse"]
+            pred = predict_frames(model, frames, threshold=b.thresholds.get("probability", 0.5))
+            lr.probabilities[key] = float(pred.probability)
+            lr.frame_probabilities[key] = [float(x) for x in pred.frame_probabilities]
+            lr.thresholds[key] = float(b.thresholds.get("probability", 0.5))
+            if key == "malignancy" and hasattr(model, "embed"):
+                with torch.no_grad():
+                    emb = model.embed(frames).float().mean(0).cpu().numpy()
+                lr.embedding = emb
+            timing["classify"] += time.perf_counter() - t
+            if key == "malignancy" and heat is not None and not explained:
+                t = time.perf_counter()
+                centre = {p: v[len(v) // 2: len(v) // 2 + 1] for p, v in inputs.items()}
+                if arch == "ThreePlaneFusion":
+                    net, layers = model, model.feature_layers()
+                else:
+                    net, layers = _DictInput(model), {"transverse": model.feature_layers()["image"]}
+                lr.cams = gradcam_planes(net, centre, layers, target_class=1, planes=tuple(centre))
+                heatmap_to_volume(volume, crops, lr.cams, out=heat)
+                explained = True
+                timing["explain"] += time.perf_counter() - t
+        fusion = self.bundles.get("fusion")
+        if fusion is not None and lr.probabilities.get("malignancy") is not None:
+            lr.probabilities["malignancy_fused"] = fused_probability(fusion, schema, cleaned, lr.probabilities["malignancy"])
+            lr.thresholds["malignancy"] = float(fusion.thresholds.get("probability", lr.thresholds.get("malignancy", 0.5)))
+
+
+class _DictInput(torch.nn.Module):
+    """Lets a single-view network take the ``{"transverse": x}`` input that Grad-CAM per plane uses."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x["transverse"] if isinstance(x, Mapping) else x)
+
+
+def fused_probability(bundle: Bundle, schema, cleaned: Mapping[str, Any], p_image: float) -> float:
+    """P(malignant) of a clinical fusion head on [logit(image probability), the head's clinical features]."""
+    from .clinical import ClinicalSchema
+
+    own = ClinicalSchema(bundle.clinical_variables)
+    x_clin, _ = own.encode({k: cleaned.get(k) for k in own.names})
+    p = min(max(p_image, 1e-6), 1 - 1e-6)
+    x = np.r_[np.log(p / (1 - p)), x_clin][None]
+    return float(bundle.model().predict_proba(x)[0, 1])
+
+
+def analyze_volume(volume: Volume, *, model_paths: Optional[Sequence[str]] = None, device: str = "auto",
+                   clinical: Optional[Mapping[str, Any]] = None, birads: Optional[str] = None,
+                   progress: ProgressCallback = no_progress, cancel: Optional[CancelCheck] = None) -> Analysis:
+    pipe = Pipeline.from_paths(model_paths, device=device, roles=("segmenter", "malignancy"),
+                               optional_roles=("risk", "abvs-malignancy", "fusion"))
+    return pipe.analyze(volume, clinical=clinical, birads=birads, progress=progress, cancel=cancel)
+
+
+def analyze_file(input_path: str | Path, out_dir: str | Path, *, clinical: Optional[Mapping[str, Any]] = None,
+                 birads: Optional[str] = None, model_paths: Optional[Sequence[str]] = None, device: str = "auto",
+                 spacing: Any = None, progress: ProgressCallback = no_progress,
+                 cancel: Optional[CancelCheck] = None) -> Dict[str, Any]:
+    """Read a file, analyse it and write every result into ``out_dir``; returns the findings dict."""
+    from .io import read_volume
+    from .outputs import write_analysis
+
+    progress("load", 0.0, f"reading {Path(input_path).name}")
+    volume = read_volume(input_path, spacing=spacing)
+    result = analyze_volume(volume, model_paths=model_paths, device=device, clinical=clinical, birads=birads,
+                            progress=progress, cancel=cancel)
+    check_cancel(cancel)
+    progress("write", 0.0, "writing results")
+    findings = write_analysis(out_dir, result)
+    progress("write", 1.0, "done")
+    return findings

@@ -1,0 +1,70 @@
+"""Manifests and model cards for the bundles that training writes."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+from .. import __version__
+
+INTENDED_USE = ("Research use only. Not a medical device; not for diagnosis or treatment decisions. "
+                "Outputs must be reviewed by a qualified radiologist.")
+DATA_CITATION = (
+    "BUS-BRA (Gomez-Flores et al., Med Phys 51(4):3110-3123, 2024, doi:10.5281/zenodo.7730709); "
+    "BrEaST-Lesions-USG (Pawlowska et al., Sci Data 11:148, 2024, TCIA doi:10.7937/9WKK-Q141, CC BY 4.0); "
+    "BUSI (Al-Dhabyani et al., Data in Brief 28:104863, 2020, CC0)"
+)
+
+
+def segmenter_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path) -> Tuple[Dict[str, Any], str]:
+    cfg, m = res["config"], res["metrics"]
+    bf16_ok = m["bf16_vs_fp32_mask_dice_mean"] >= 0.98
+    manifest = {
+        "name": "breastdlr-segmenter-2d",
+        "version": __version__,
+        "role": "segmenter",
+        "default": True,
+        "task": "lesion segmentation of breast ultrasound, slice by slice",
+        "architecture": "Unet",
+        "arguments": {k: v for k, v in res["arguments"].items() if k != "architecture"},
+        "input": {"size": [cfg["size"], cfg["size"]], "channels": 1, "normalisation": "zscore",
+                  "spacing_mm": None, "resample": "each slice resized to size x size, logits resized back"},
+        "labels": ["background", "lesion"],
+        "thresholds": {"probability": 0.5, "min_lesion_mm3": 1.0, "min_lesion_mm2": 2.0, "min_lesion_fraction": 0.002},
+        "inference": {"bf16_cpu": bf16_ok, "bf16_tolerance": "mean mask Dice bf16 vs fp32 >= 0.98 on validation"},
+        "clinical_variables": [],
+        "provenance": {"data": DATA_CITATION, "manifest": Path(manifest_path).name, "n_train_images": res["n_train"],
+                       "trained": _dt.date.today().isoformat(), "config": cfg,
+                       "command": "python scripts/train_segmenter.py --manifest <breast-us>/manifest.csv --out Resources/Models/breastdlr-segmenter-2d"},
+        "metrics": m,
+        "licence": "Apache-2.0 (weights); training data under their own licences (see provenance)",
+        "intended_use": INTENDED_USE,
+    }
+    card = f"""# Model card: breastdlr-segmenter-2d
+
+**Intended use.** {INTENDED_USE}
+
+**What it is.** A UNet with an EfficientNet-b0 encoder (segmentation-models-pytorch, {res['arguments']}),
+trained from scratch (no ImageNet weights) on CPU on 2D breast ultrasound images resized to {cfg['size']}x{cfg['size']},
+per-image z-score normalisation, Dice + BCE loss, Adam with a one-cycle schedule, MONAI augmentation (left-right flip,
+small affine, gamma and gain). Applied slice by slice along a volume's acquisition axis. Weights stored in float16.
+
+**Data.** {res['n_train']} training images from {DATA_CITATION}. Patient-level split: one fold of a 5-fold stratified
+group split held out ({m['val_images']} images, {m['val_patients']} patients); no patient is on both sides.
+
+**Metrics (held-out patients of the data at hand).**
+- mean Dice on images with a lesion: {m['dice_mean_lesion_images_fp32']:.3f} (median {m['dice_median_lesion_images_fp32']:.3f})
+- by dataset: {json.dumps({k: round(v, 3) for k, v in m['dice_by_dataset'].items()})}
+- bf16 autocast vs fp32 masks: mean Dice agreement {m['bf16_vs_fp32_mask_dice_mean']:.4f} (min {m['bf16_vs_fp32_mask_dice_min']:.4f});
+  bf16 on CPU is {'enabled' if bf16_ok else 'disabled'} by default.
+- best epoch {m['best_epoch']} of {m['epochs_run']} run.
+
+**Limits.** Trained on handheld 2D images only; on ABVS/ABUS volumes it runs slice by slice on transverse slices
+and has not been validated on real 3D breast volumes (none were available). Calipers and text overlays in the
+training images (BUSI) may be segmented. Not measured on external sites; the project's quality goal (Dice >= 0.80
+on unseen patients) is {'met' if m['dice_mean_lesion_images_fp32'] >= 0.8 else 'NOT yet met'} on this validation fold.
+
+**Retrain.** `{manifest['provenance']['command']}` (about {sum(h['seconds'] for h in res['history']) / 60:.0f} min on a 2-core CPU).
+"""
+    return manifest, card

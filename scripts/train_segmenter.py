@@ -1,0 +1,41 @@
+"""Retrain the shipped lesion segmenter from ../shared/data/breast-us (documented in its model card).
+
+    .venv/bin/python scripts/train_segmenter.py --manifest ../shared/data/breast-us/manifest.csv \
+        --out Resources/Models/breastdlr-segmenter-2d --epochs 30
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from BreastDLRLib.training.segmenter import SegmenterConfig, train_segmenter  # noqa: E402
+from BreastDLRLib.training.cards import segmenter_manifest_and_card  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default=None)
+    for f in fields(SegmenterConfig):
+        kind = {"bool": lambda v: v.lower() in ("1", "true", "yes"), "int": int, "float": float,
+                "Optional[int]": int, "Optional[float]": float}[str(f.type)]
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+    a = ap.parse_args()
+    cfg = SegmenterConfig(**{f.name: getattr(a, f.name) for f in fields(SegmenterConfig)})
+    res = train_segmenter(a.manifest, a.out, cfg, work_dir=a.work, log=lambda m: print(m, flush=True))
+    manifest, card = segmenter_manifest_and_card(res, a.manifest)
+    from BreastDLRLib.bundles import save_bundle
+
+    b = save_bundle(a.out, res["model"], manifest, card, half=True)
+    print(json.dumps(res["metrics"], indent=1))
+    print(f"[train] bundle written to {b.path}")
+
+
+if __name__ == "__main__":
+    main()
