@@ -120,7 +120,7 @@ def gradcam_planes(
                 try:
                     res = cam(input_tensor=x, targets=[target] * x.shape[0])
                 finally:
-                    pass
+                    cam.activations_and_grads.release()
                 res = np.clip(np.nan_to_num(np.asarray(res, dtype=np.float32)), 0.0, 1.0)
                 cams[plane] = res[0] if res.shape[0] == 1 else res
     finally:
@@ -136,10 +136,13 @@ def gradcam_planes(
 
 # ---------------------------------------------------------------------------------------------- painting
 def _one_crop(v: Union[PlaneCrop, Sequence[PlaneCrop]]) -> PlaneCrop:
+    """The crop a CAM belongs to: the crop itself, or the middle frame ``frames[len(frames) // 2]``."""
     if isinstance(v, PlaneCrop):
         return v
     lst = list(v)
-    return min(lst, key=lambda c: abs(c.frame_offset))
+    if not lst:
+        raise ValueError("empty list of crops")
+    return lst[len(lst) // 2]
 
 
 def heatmap_to_volume(
@@ -152,9 +155,10 @@ def heatmap_to_volume(
 
     For each plane, the voxels of its slab (the crop's fixed index) whose centre falls inside the crop's
     footprint (pixel cells ``[-0.5, size - 0.5]``) get the CAM bilinearly sampled at their (r, c) (the
-    inverse of the crop's affine; a CAM of another size is rescaled cell for cell).  Planes combine by max,
+    inverse of the crop's affine; held constant in the outer half pixel; a CAM of another size is rescaled
+    cell for cell).  Planes combine by max,
     and by max with ``out`` (pass the same ``out`` for every lesion).  Everything else is 0.  With a list
-    of frames per plane, the frame nearest the lesion centre is used.
+    of frames per plane, the middle frame ``frames[len(frames) // 2]`` is used: compute the CAM on that one.
     """
     shape = volume.shape
     if out is None:

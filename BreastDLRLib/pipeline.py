@@ -134,7 +134,7 @@ class Pipeline:
                 explain: bool = True, progress: ProgressCallback = no_progress,
                 cancel: Optional[CancelCheck] = None) -> Analysis:
         """Segment, then classify, explain and recommend for every lesion."""
-        from .recommend import normalise_birads, recommend
+        from .recommend import normalise_birads
 
         birads_n = normalise_birads(birads) if birads else None
         schema = self.clinical_schema()
@@ -148,12 +148,7 @@ class Pipeline:
         for idx, lr in enumerate(result.lesions):
             check_cancel(cancel)
             progress("classify", 0.6 + 0.4 * idx / max(n, 1), f"lesion {idx + 1} of {n}")
-            self._classify(volume, lr, schema, cleaned, heat, timing)
-            lr.recommendation = recommend(
-                birads_n, lr.probabilities.get("high_risk"), self._decision_probability(lr),
-                risk_threshold=lr.thresholds.get("high_risk", 0.5),
-                malignancy_threshold=lr.thresholds.get("malignancy", 0.5),
-            )
+            self.classify_lesion(volume, lr, schema, cleaned, birads_n, heat, timing)
         progress("classify", 1.0, f"{n} lesion(s) analysed")
         result.timings.update(timing)
         result.timings["classify_total"] = time.perf_counter() - t0
@@ -188,6 +183,29 @@ class Pipeline:
         size = inp.get("size", 224)
         return {"size": int(size[0] if isinstance(size, (list, tuple)) else size),
                 "margin": float(inp.get("margin", 0.3)), "n_frames": int(inp.get("frames", 1))}
+
+    def whole_image_lesion(self, volume: Volume) -> LesionResult:
+        """A pseudo-lesion covering the whole image, for classifying an image whose lesion was not found."""
+        from .lesions import lesions_from_labels
+
+        (les,) = lesions_from_labels(volume.with_array(np.ones(volume.shape, dtype=np.uint8)))
+        return LesionResult(les)
+
+    def classify_lesion(self, volume: Volume, lr: LesionResult, schema=None, cleaned: Optional[Mapping[str, Any]] = None,
+                        birads: Optional[str] = None, heat: Optional[np.ndarray] = None,
+                        timing: Optional[Dict[str, float]] = None) -> LesionResult:
+        """Fill ``lr`` with probabilities (image, fused), Grad-CAM (painted into ``heat``) and the recommendation."""
+        from .recommend import recommend
+
+        schema = schema if schema is not None else self.clinical_schema()
+        timing = timing if timing is not None else {"crops": 0.0, "classify": 0.0, "explain": 0.0}
+        self._classify(volume, lr, schema, cleaned or {}, heat, timing)
+        lr.recommendation = recommend(
+            birads, lr.probabilities.get("high_risk"), self._decision_probability(lr),
+            risk_threshold=lr.thresholds.get("high_risk", 0.5),
+            malignancy_threshold=lr.thresholds.get("malignancy", 0.5),
+        )
+        return lr
 
     def _classify(self, volume: Volume, lr: LesionResult, schema, cleaned, heat, timing) -> None:
         from .explain import gradcam_planes, heatmap_to_volume

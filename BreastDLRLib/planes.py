@@ -19,22 +19,27 @@ Crop geometry (per plane, per frame):
   context on each side of the box along its longer side, and more along its shorter side;
 * the square is cut into ``size × size`` square pixels of ``S / size`` mm; pixel ``(r, c)`` is the
   centre of its cell, so the first and last pixel centres are ``S * (size - 1) / size`` mm apart;
-* all values come from one bilinear sampling of the grid (``scipy.ndimage.map_coordinates``, order 1),
-  so pixel ``(r, c)`` samples exactly the continuous array index
+* all values come from one bilinear sampling of the grid (``scipy.ndimage.map_coordinates``, order 1;
+  the pixels are square in mm, so resampling to isotropic spacing and to ``size × size`` is one step, with
+  no intermediate image and no prefilter), so pixel ``(r, c)`` samples exactly the continuous array index
   ``origin_kji + r * row_step_kji + c * col_step_kji``;
-* pixels whose sample lies outside the grid are 0 and counted out of ``valid_fraction``;
+* pixels whose sample lies outside the grid (beyond the outermost voxel centres, index < 0 or > n - 1 on an
+  axis) are 0, are False in ``valid_mask`` and are counted out of ``valid_fraction``, with a ``note``;
 * the image is min-max normalised over its valid pixels to [0, 1] (a constant image gives zeros);
   ``intensity_range`` keeps the (min, max) used, so ``image * (max - min) + min`` are the sampled values.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
 
 from .volume import Volume
+
+if TYPE_CHECKING:  # torch is imported only where tensors are made
+    import torch
 
 PLANES: Tuple[str, str, str] = ("transverse", "sagittal", "coronal")
 BBox = Sequence[Tuple[int, int]]
@@ -271,7 +276,7 @@ def crop_planes(
 def to_tensor_batch(
     crops: Mapping[str, Union[PlaneCrop, Sequence[PlaneCrop]]],
     planes: Sequence[str] = PLANES,
-):
+) -> "Tuple[torch.Tensor, torch.Tensor]":
     """Stack crops as ``(F, P, 3, H, W)`` float32 (grey copied to 3 channels) and a ``(P,)`` bool plane mask.
 
     Missing planes are zeros with mask False.  ``F`` is the largest number of frames among the planes; a

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 from BreastDLRLib import synthetic  # noqa: E402
 
 VOLUME_SEED = 2056  # chosen for a clear oval benign lesion and a spiculated, shadowing malignant one
-IMAGE_SEED = 2043
+IMAGE_SEED = 2057
 MAX_BYTES = 5 * 1024 * 1024
 
 

@@ -1,9 +1,13 @@
 """DICOM reading for ultrasound: single files with pydicom, series folders with SimpleITK/GDCM.
 
-Pixels: MONOCHROME1 (inverted to MONOCHROME2), MONOCHROME2, RGB (both planar configurations), YBR_*
-(to RGB), PALETTE COLOR (8/16-bit, segmented LUTs) → grey by luminance; any bit depth and byte order,
-and every compression that pydicom's installed decoders (pylibjpeg-libjpeg, -openjpeg, -rle, Pillow)
-handle.  Frames become slices.
+Pixels: MONOCHROME1 (inverted to MONOCHROME2), MONOCHROME2 (Rescale Slope/Intercept applied), RGB
+(both planar configurations), YBR_FULL/YBR_FULL_422/YBR_ICT/YBR_RCT (RGB via pydicom), PALETTE COLOR
+(8/16-bit, segmented LUTs; palette colours are display colours, so the grey is uint8) → grey by
+luminance; any bit depth and byte order (returned in native order), and every compression that the
+installed pydicom decoders (pylibjpeg-libjpeg, -openjpeg, -rle, Pillow) handle; a missing decoder is
+named with the pip package to install.  Frames become slices: cine frames (no slice positions) are
+time, ``metadata["frames_are_time"]`` and k spacing 1 mm; frames with positions (enhanced multi-frame)
+are sorted along the slice normal and give origin, direction and k spacing.
 
 Spacing, first match wins: Pixel Spacing (row, column) / Imager Pixel Spacing → ``"file"``; the
 Sequence of Ultrasound Regions (0018,6011), largest region calibrated in cm on both axes →
@@ -88,8 +92,10 @@ def _dcmread(path: Path, stop_before_pixels: bool = False) -> Any:
         return ds
     except InputError:
         raise
+    except InvalidDicomError:
+        raise unreadable(path.name, "it is not a DICOM file") from None
     except Exception as exc:  # pydicom raises many types for damaged files
-        raise unreadable(path.name, f"not a valid DICOM file ({type(exc).__name__}: {exc})") from None
+        raise unreadable(path.name, f"its DICOM data is damaged: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------- spacing
@@ -235,7 +241,7 @@ def _decode(ds: Any, name: str) -> Tuple[np.ndarray, Dict[str, Any]]:
     except InputError:
         raise
     except Exception as exc:
-        raise unreadable(name, f"its pixel data could not be decoded ({exc})") from None
+        raise unreadable(name, f"its pixel data could not be decoded: {exc}") from None
     frames = int(info.get("number_of_frames", 1) or 1)
     arr = native(arr)
     if frames == 1:
@@ -245,7 +251,7 @@ def _decode(ds: Any, name: str) -> Tuple[np.ndarray, Dict[str, Any]]:
 
 def _to_grey_frames(arr: np.ndarray, info: Dict[str, Any], ds: Any, name: str) -> np.ndarray:
     """Frames-first array (n, rows, cols[, samples]) to grey (n, rows, cols)."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
 
     photometric = str(info.get("photometric_interpretation", ds.get("PhotometricInterpretation", ""))).upper()
     samples = int(info.get("samples_per_pixel", 1) or 1)
@@ -254,7 +260,7 @@ def _to_grey_frames(arr: np.ndarray, info: Dict[str, Any], ds: Any, name: str) -
             try:
                 rgb = apply_color_lut(arr, ds)
             except Exception as exc:
-                raise unreadable(name, f"its colour palette could not be applied ({exc})") from None
+                raise unreadable(name, f"its colour palette could not be applied: {exc}") from None
             return _palette_grey(native(rgb))
         if photometric not in ("MONOCHROME1", "MONOCHROME2"):
             raise InputError(f"{name} has the unsupported colour type '{photometric}' for a one-channel image.")
@@ -265,11 +271,7 @@ def _to_grey_frames(arr: np.ndarray, info: Dict[str, Any], ds: Any, name: str) -
         if photometric == "MONOCHROME1":
             arr = _invert(arr, int(info.get("bits_stored", 0) or 0))
         return arr
-    if photometric in ("YBR_FULL", "YBR_FULL_422", "YBR_ICT"):
-        arr = convert_color_space(arr, "YBR_FULL", "RGB")
-    elif photometric == "YBR_RCT":
-        arr = _inverse_rct(arr)
-    elif photometric != "RGB":
+    if photometric != "RGB":  # pydicom already turned YBR_FULL(_422) and JPEG 2000 YBR_ICT/RCT into RGB
         raise InputError(
             f"{name} has the unsupported colour type '{photometric}'; export it from the scanner as RGB or grey."
         )
@@ -292,15 +294,6 @@ def _invert(arr: np.ndarray, bits_stored: int) -> np.ndarray:
         return ((1 << bits_stored) - 1 - arr.astype(np.int64)).astype(arr.dtype)
     lo, hi = arr.min(), arr.max()
     return (lo + hi - arr).astype(arr.dtype)
-
-
-def _inverse_rct(arr: np.ndarray) -> np.ndarray:
-    """JPEG 2000 reversible colour transform, inverse (for decoders that leave it applied)."""
-    y, cb, cr = (arr[..., c].astype(np.int64) for c in range(3))
-    g = y - np.floor_divide(cb + cr, 4)
-    out = np.stack([cr + g, g, cb + g], axis=-1)
-    info = np.iinfo(arr.dtype) if np.issubdtype(arr.dtype, np.integer) else None
-    return np.clip(out, info.min, info.max).astype(arr.dtype) if info else out
 
 
 # ---------------------------------------------------------------------------------------- metadata
@@ -326,6 +319,8 @@ def read_dicom_file(path: Union[str, Path], spacing: SpacingArg = None) -> Volum
     p = Path(path)
     ds = _dcmread(p)
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        if "Image" in str(getattr(ds.get("SOPClassUID"), "name", "")) or "Rows" in ds:
+            raise unreadable(p.name, "its image data is missing (the file may be cut short)")
         raise InputError(
             f"{p.name} is a DICOM file without an image (for example a report); open an image file of the study."
         )

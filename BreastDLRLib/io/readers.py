@@ -38,7 +38,7 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 PERSISTED_PREFIX = "BreastDLR_"
 PERSISTED_KEYS = ("modality", "manufacturer", "spacing_source", "acquisition_axis", "is_2d", "frames_are_time")
 
-_MAGIC_PILLOW = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*")
+_MAGIC_PILLOW = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -62,9 +62,14 @@ def _clean_reason(text: str) -> str:
         text = text.rsplit("ERROR:", 1)[1]
     text = re.sub(r"\w+\(0x[0-9a-fA-F]+\):\s*", "", text)
     text = re.sub(r'"?/[^"\s]*/([^/"\s]+)"?', r"\1", text)  # absolute paths -> base names
-    text = " ".join(text.split()).strip().rstrip(".")
+    text = " ".join(text.split()).strip()
     if "Unable to determine ImageIO reader" in text:
-        text = "its content does not match any image format"
+        return "its content does not match any image format"
+    if "File cannot be read" in text:
+        return "its data could not be read (the file may be cut short)"
+    text = re.split(r"(?<=[^\d\s])\.\s| - ", text)[0].strip().rstrip(".")  # first sentence only
+    if len(text) > 1 and text[0].isupper() and text[1].islower():
+        text = text[0].lower() + text[1:]
     return text[:200] or "unknown error"
 
 
@@ -76,9 +81,7 @@ def to_grey(array: np.ndarray) -> np.ndarray:
     """
     a = np.asarray(array)
     n = a.shape[-1]
-    if n == 1:
-        return a[..., 0]
-    if n == 2:
+    if n in (1, 2):  # grey, grey + alpha
         return a[..., 0]
     if n not in (3, 4):
         raise ValueError(f"cannot convert {n} channels to grey")
@@ -108,7 +111,7 @@ def user_spacing(spacing: SpacingArg, single_plane: bool = True) -> Optional[Spa
     """
     if spacing is None:
         return None
-    if np.isscalar(spacing):
+    if np.ndim(spacing) == 0:
         s = float(spacing)  # type: ignore[arg-type]
         out = (s, s, 1.0 if single_plane else s)
     else:
@@ -159,7 +162,7 @@ def sniff(path: Path) -> str:
     ext = extension(path)
     if ext in SITK_EXTENSIONS:
         return "sitk"
-    if ext in PILLOW_EXTENSIONS:
+    if head.startswith(b"BM") or ext in PILLOW_EXTENSIONS:  # "BM" is a weak magic: after the extensions
         return "pillow"
     if ext in DICOM_EXTENSIONS:
         return "dicom"
@@ -259,7 +262,6 @@ def _header_text(path: Path, limit: int = 65536) -> str:
 
 
 def file_has_spacing(path: Path) -> bool:
-    return True
     """Whether the file states a spacing (NRRD and MetaImage may leave it out; NIfTI always has pixdim)."""
     ext = extension(path)
     if ext in (".nrrd", ".nhdr"):
@@ -310,7 +312,7 @@ def read_sitk_file(path: Union[str, Path], spacing: SpacingArg = None) -> Volume
 
 def _sitk_error(name: str, exc: Exception) -> InputError:
     text = str(exc)
-    if "spacing" in text.lower():
+    if "spacing" in text.lower() and "zero" in text.lower():
         return InputError(
             f"{name} states a pixel spacing of zero, which is not valid; fix the spacing in the file "
             "(e.g. re-save it from Slicer) and try again."
@@ -385,7 +387,8 @@ def read_mask(path: Union[str, Path], like: Volume) -> np.ndarray:
     """A binary mask (uint8 0/1, shape of ``like.array``) from a PNG/JPEG/BMP/TIFF or a label volume.
 
     Picture files: a pixel is inside when it is above half the mask's maximum (0/255 and 0/1 masks both
-    work).  Volume files (NRRD, NIfTI, MetaImage, DICOM): non-zero is inside, and the geometry must match.
+    work).  Volume files (NRRD, NIfTI, MetaImage, DICOM): non-zero is inside, and when both the mask's and
+    the image's spacing came from their files, origin, spacing and direction must match too (1e-3).
     """
     p = Path(path)
     if not p.exists():
@@ -400,7 +403,13 @@ def read_mask(path: Union[str, Path], like: Volume) -> np.ndarray:
             f"The mask {p.name} is {_size_text(arr.shape)} but the image is {_size_text(like.array.shape)}; "
             "use the mask made for this image."
         )
-    if not picture and vol.metadata.get("spacing_source") != "unknown" and not vol.same_geometry(like, atol=1e-3):
+    from_files = ("file", "ultrasound_regions")  # geometry is compared only where both files gave it
+    if (
+        not picture
+        and vol.metadata.get("spacing_source") in from_files
+        and like.metadata.get("spacing_source") in from_files
+        and not vol.same_geometry(like, atol=1e-3)
+    ):
         raise InputError(
             f"The mask {p.name} has the image's size but not its position, spacing or orientation; "
             "use the mask made for this image."

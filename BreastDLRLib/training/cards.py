@@ -68,3 +68,59 @@ on unseen patients) is {'met' if m['dice_mean_lesion_images_fp32'] >= 0.8 else '
 **Retrain.** `{manifest['provenance']['command']}` (about {sum(h['seconds'] for h in res['history']) / 60:.0f} min on a 2-core CPU).
 """
     return manifest, card
+
+
+TASKS = {
+    "malignancy": ("breastdlr-malignancy-2d", "malignancy", "benign vs malignant (pathology)", ["benign", "malignant"]),
+    "risk": ("breastdlr-risk-2d", "risk", "BI-RADS 2-3 (low risk) vs 4-5 (high risk)", ["low risk", "high risk"]),
+}
+
+
+def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path) -> Tuple[Dict[str, Any], str]:
+    cfg, m = res["config"], res["metrics"]
+    name, role, task_text, labels = TASKS[cfg["task"]]
+    cmd = (f"python scripts/train_classifier.py --manifest <breast-us>/manifest.csv --task {cfg['task']} "
+           f"--out Resources/Models/{name}")
+    manifest = {
+        "name": name, "version": __version__, "role": role, "default": True,
+        "task": task_text, "architecture": "EmbeddingNet", "arguments": res["arguments"],
+        "input": {"size": [cfg["size"], cfg["size"]], "channels": 3, "normalisation": "minmax",
+                  "planes": ["transverse"], "margin": cfg["margin"], "frames": 1,
+                  "crop": "square around the lesion's bounding box, margin x its longer side on each side, isotropic"},
+        "labels": labels, "thresholds": {"probability": 0.5},
+        "clinical_variables": [],
+        "provenance": {"data": DATA_CITATION, "manifest": Path(manifest_path).name, "n_train_crops": res["n_train"],
+                       "trained": _dt.date.today().isoformat(), "config": cfg, "command": cmd,
+                       "label_source": "pathology" if cfg["task"] == "malignancy" else "BI-RADS category given by the radiologists (BUS-BRA, BrEaST)"},
+        "metrics": m, "licence": "Apache-2.0 (weights); training data under their own licences (see provenance)",
+        "intended_use": INTENDED_USE,
+    }
+    by_ds = json.dumps({k: round(v, 3) for k, v in m["auc_by_dataset"].items()})
+    card = f"""# Model card: {name}
+
+**Intended use.** {INTENDED_USE}
+
+**Task.** {task_text}, from one 2D ultrasound crop around a lesion ({'the malignancy model "BM"' if role == 'malignancy' else 'the BI-RADS risk model "LH"'} of the two-stage assessment of Lu et al. 2025).
+
+**What it is.** EmbeddingNet (Lu et al. 2025): a ResNet50 trunk (torchvision, `weights=None`, trained from scratch, no
+ImageNet weights) whose classifier is fc → 128 (the image embedding) → 2. Input: the transverse crop cut by
+`BreastDLRLib.planes.crop_planes` around the lesion's bounding box (margin {cfg['margin']} of its longer side on each side),
+isotropic, {cfg['size']}x{cfg['size']} pixels (smaller than the papers' 224 so that it trains on a 2-core CPU), min-max normalised.
+Training: preset `{cfg['preset']}`, class-balanced cross-entropy, MONAI augmentation (flip, affine, gamma, gain),
+bf16 autocast, best validation AUC kept. Weights stored in float16.
+
+**Data.** {res['n_train']} training crops from {DATA_CITATION}. Patient-level split: one fold of a
+{cfg['folds']}-fold stratified group split held out ({m['val_crops']} crops, {m['val_patients']} patients, {m['val_positives']} positive).
+
+**Metrics (held-out patients of the data at hand).** AUC {m['auc']:.3f} (95 % CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f}, DeLong);
+by dataset {by_ds}; bf16 vs fp32 probabilities differ by at most {m['bf16_vs_fp32_max_abs_diff']:.4f}.
+Best epoch {m['best_epoch']} of {m['epochs_run']}.
+
+**Limits.** Trained from scratch on about two thousand images; the project's quality goal (AUC >= 0.90 on
+unseen patients) is {'met' if m['auc'] >= 0.9 else 'NOT met'} on this validation fold. Not calibrated for any
+population; the threshold 0.5 is not tuned to a clinical operating point. Not validated on ABVS volumes (used there
+on transverse slices only when no three-plane model is installed).
+
+**Retrain.** `{cmd}`
+"""
+    return manifest, card

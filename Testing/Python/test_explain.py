@@ -287,3 +287,17 @@ def test_overlay_png(tmp_path):
     np.testing.assert_allclose(img[15, 5], np.array([0.5, 0.3, 0.3]) * 255, atol=1)
     np.testing.assert_allclose(jet(np.array([0.5]))[0], [0.5, 1.0, 0.5])  # 1.5-|4x-3|, 1.5-|4x-2|, 1.5-|4x-1|
     np.testing.assert_array_equal(overlay_rgb(gray, cam), img)
+
+
+def test_heatmap_with_frame_lists_uses_the_middle_frame():
+    vol = Volume(np.random.default_rng(9).uniform(size=(30, 30, 30)), spacing=(0.2, 0.2, 0.5))
+    mask = np.zeros(vol.shape, bool)
+    mask[18:22, 10:20, 10:20] = True
+    mask[21, 8:22, 8:22] = True  # largest transverse areas at k = 21, then 18..20 (ties: nearest the centre)
+    frames = crop_planes(vol, [(18, 22), (8, 22), (8, 22)], (15.0, 15.0, 15.0), size=32, n_frames=3,
+                         mask=mask, planes=["transverse"])
+    ks = [fr.fixed_index for fr in frames["transverse"]]
+    assert ks == [18, 19, 21]  # 21 (largest), then 18 and 19: nearest the centre (k = 15) among the ties
+    out = heatmap_to_volume(vol, frames, {"transverse": np.ones((32, 32), np.float32)})
+    painted = np.nonzero(out.reshape(out.shape[0], -1).any(axis=1))[0].tolist()
+    assert painted == [ks[1]]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from BreastDLRLib.planes import PLANES, PlaneCrop, available_planes, crop_planes, plane_axes, to_tensor_batch
@@ -207,7 +208,7 @@ def test_to_tensor_batch_layout(blob):
     crops = crop_planes(vol, _bbox(mask), centre, size=32, n_frames=2)
     x, m = to_tensor_batch(crops)
     assert tuple(x.shape) == (2, 3, 3, 32, 32) and x.dtype.is_floating_point
-    assert m.dtype == __import__("torch").bool and m.tolist() == [True, True, True]
+    assert m.dtype == torch.bool and m.tolist() == [True, True, True]
     for pi, p in enumerate(PLANES):
         for fi in range(2):
             for ch in range(3):

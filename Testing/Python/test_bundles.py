@@ -1,0 +1,134 @@
+"""Model bundles: safetensors + manifest + checksum; tampered or mismatched bundles are refused."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from BreastDLRLib.bundles import list_bundles, open_bundle, save_bundle, save_head_bundle, sha256_file, write_index
+from BreastDLRLib.errors import ModelBundleError
+from BreastDLRLib.networks.classifiers import build_classifier
+
+COMMON = {"version": "1.0", "provenance": {}, "metrics": {}, "licence": "x", "intended_use": "tests",
+          "input": {"size": [32, 32]}, "labels": ["a", "b"], "thresholds": {"probability": 0.5}}
+
+
+@pytest.fixture()
+def bundle_dir(tmp_path):
+    torch.manual_seed(0)
+    net = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=8).eval()
+    b = save_bundle(tmp_path / "models" / "clf", net, {**COMMON, "name": "clf", "role": "malignancy",
+                                                        "architecture": "EmbeddingNet",
+                                                        "arguments": {"backbone": "resnet18", "embedding_dim": 8}}, "card")
+    return b.path, net
+
+
+def test_round_trip_gives_the_same_network(bundle_dir):
+    path, net = bundle_dir
+    b = open_bundle(path)
+    assert (path / "weights.safetensors").is_file() and (path / "MODEL_CARD.md").read_text() == "card"
+    assert b.manifest["weights"]["sha256"] == sha256_file(path / "weights.safetensors")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(b.model()(x), net(x), atol=1e-6)
+
+
+def test_half_precision_bundle_is_close(tmp_path, bundle_dir):
+    _, net = bundle_dir
+    b = save_bundle(tmp_path / "half", net, {**COMMON, "name": "h", "role": "risk", "architecture": "EmbeddingNet",
+                                            "arguments": {"backbone": "resnet18", "embedding_dim": 8}}, "c", half=True)
+    assert b.manifest["weights"]["dtype"] == "float16"
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(torch.softmax(b.model()(x), 1), torch.softmax(net(x), 1), atol=2e-2)
+
+
+def test_tampered_weights_are_refused(bundle_dir):
+    path, _ = bundle_dir
+    w = path / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-10] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ModelBundleError, match="checksum"):
+        open_bundle(path)
+
+
+def test_pickle_in_place_of_safetensors_is_refused(bundle_dir):
+    path, net = bundle_dir
+    w = path / "weights.safetensors"
+    torch.save(net.state_dict(), w)  # a pickle file, even with a matching checksum in the manifest
+    m = json.loads((path / "manifest.json").read_text())
+    m["weights"]["sha256"] = sha256_file(w)
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelBundleError, match="cannot be read"):
+        open_bundle(path).model()
+
+
+def test_manifest_that_does_not_fit_the_weights_is_refused(bundle_dir):
+    path, _ = bundle_dir
+    m = json.loads((path / "manifest.json").read_text())
+    m["arguments"]["embedding_dim"] = 16
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelBundleError, match="do not match"):
+        open_bundle(path).model()
+    m["architecture"] = "NoSuchNet"
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelBundleError, match="NoSuchNet"):
+        open_bundle(path).model()
+
+
+def test_edited_manifest_caught_by_the_index(bundle_dir):
+    path, _ = bundle_dir
+    write_index(path.parent)
+    open_bundle(path)  # untouched: fine
+    m = json.loads((path / "manifest.json").read_text())
+    m["thresholds"]["probability"] = 0.05
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelBundleError, match="changed after it was released"):
+        open_bundle(path)
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda p: (p / "manifest.json").unlink(), "manifest.json is missing"),
+    (lambda p: (p / "manifest.json").write_text("{not json"), "not valid JSON"),
+    (lambda p: (p / "manifest.json").write_text(json.dumps({"format": "other/9"})), "other/9"),
+    (lambda p: (p / "weights.safetensors").unlink(), "weights file"),
+])
+def test_broken_bundles_have_clear_errors(bundle_dir, damage, match):
+    path, _ = bundle_dir
+    damage(path)
+    with pytest.raises(ModelBundleError, match=match):
+        open_bundle(path)
+
+
+def test_missing_checksum_refused(bundle_dir):
+    path, _ = bundle_dir
+    m = json.loads((path / "manifest.json").read_text())
+    del m["weights"]["sha256"]
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelBundleError, match="sha256"):
+        open_bundle(path)
+
+
+def test_head_bundle_round_trip(tmp_path):
+    from BreastDLRLib.clinical import ScoreFusionHead, head_to_dict
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(80, 2))
+    y = (X[:, 0] + 0.3 * rng.normal(size=80) > 0).astype(int)
+    head = ScoreFusionHead(method="logistic").fit(X, y)
+    b = save_head_bundle(tmp_path / "fusion", head_to_dict(head), {**COMMON, "name": "f", "role": "fusion",
+                                                                   "architecture": "ScoreFusionHead", "arguments": {}}, "c")
+    assert b.is_head
+    np.testing.assert_allclose(open_bundle(b.path).model().predict_proba(X), head.predict_proba(X))
+
+
+def test_list_bundles_finds_extra_dirs(bundle_dir):
+    path, _ = bundle_dir
+    found = [b for b in list_bundles([path.parent]) if b["path"] == str(path)]
+    assert found and found[0]["role"] == "malignancy"
+    shutil.rmtree(path)
+    assert not [b for b in list_bundles([path.parent]) if b["path"] == str(path)]

@@ -1,0 +1,45 @@
+"""Retrain a shipped 2D lesion classifier (malignancy "BM" or BI-RADS risk "LH") from a manifest.
+
+    .venv/bin/python scripts/train_classifier.py --manifest ../shared/data/breast-us/manifest.csv \
+        --task malignancy --out Resources/Models/breastdlr-malignancy-2d
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from BreastDLRLib.bundles import save_bundle  # noqa: E402
+from BreastDLRLib.training.cards import classifier_manifest_and_card  # noqa: E402
+from BreastDLRLib.training.classifier import ClassifierConfig, train_classifier  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default=None)
+    for f in fields(ClassifierConfig):
+        kind = {"bool": lambda v: v.lower() in ("1", "true", "yes"), "int": int, "float": float, "str": str,
+                "Optional[int]": int, "Optional[float]": float}[str(f.type)]
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+    a = ap.parse_args()
+    cfg = ClassifierConfig(**{f.name: getattr(a, f.name) for f in fields(ClassifierConfig)})
+    work = a.work or str(Path(a.out).with_name(Path(a.out).name + "-work"))
+    res = train_classifier(a.manifest, cfg, work, log=lambda m: print(m, flush=True))
+    manifest, card = classifier_manifest_and_card(res, a.manifest)
+    b = save_bundle(a.out, res["model"], manifest, card, half=True)
+    import numpy as np
+
+    np.savez(Path(work) / f"val_{cfg.task}.npz", probs=res["val_probs"], labels=res["labels"][res["val_index"]],
+             case_id=np.array([res["cases"][i].case_id for i in res["val_index"]]))
+    print(json.dumps(res["metrics"], indent=1))
+    print(f"[train] bundle written to {b.path}")
+
+
+if __name__ == "__main__":
+    main()
