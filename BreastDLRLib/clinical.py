@@ -340,8 +340,10 @@ class ClinicalSchema:
         return len(self.feature_names)
 
     def parse_values(self, values: Mapping[str, Any]) -> Dict[str, Any]:
-        """{name: converted value or None (missing)} for every variable; refuses unknown names."""
+        """{name: converted value or None (missing)} for every variable.  Names match ignoring case, and
+        "-" or " " for "_"; unknown or repeated names are refused."""
         out: Dict[str, Any] = {v.name: None for v in self.variables}
+        seen: set = set()
         for name, raw in values.items():
             var = self._by_key.get(_key(str(name)))
             if var is None:
@@ -349,6 +351,9 @@ class ClinicalSchema:
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 known = ", ".join(self.names) or "none"
                 raise ClinicalInputError(f"{name!r} is not a clinical variable of this model{hint}; it uses: {known}.")
+            if var.name in seen:
+                raise ClinicalInputError(f"{var.name} is given twice; give each clinical value once.")
+            seen.add(var.name)
             out[var.name] = var.convert(raw)
         return out
 

@@ -25,6 +25,15 @@ PLANES = ("transverse", "sagittal", "coronal")
 C18 = 512
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads make backward passes crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class FixedFeatures(nn.Module):
     """Stands in for a trunk: returns given features and counts its calls."""
 

@@ -60,7 +60,7 @@ def test_full_values_encode_by_hand(schema):
 
 
 def test_cli_strings_are_converted(schema):
-    vec, notes = schema.parse_cli(["age=61", "family_history=yes", "shape=round", "size=8 mm", "density=A"])
+    vec, notes = schema.parse_cli(["Age=61", "family-history=yes", "shape=round", "size=8 mm", "density=A"])
     np.testing.assert_array_equal(vec, [61, 1, 0, 1, 0, 0, 8, 0])
     assert notes == []
     assert parse_cli(["age = 52", "x=a=b"]) == {"age": "52", "x": "a=b"}
@@ -101,6 +101,7 @@ def test_refused_missing_value_names_the_variable(schema):
     ({"size": 1, "family_history": 2}, r"family_history = 2 is not yes or no"),
     ({"size": 1, "shape": "square"}, r"shape = 'square' is not one of the categories oval, round, irregular"),
     ({"size": 1, "agee": 50}, r"'agee' is not a clinical variable of this model \(did you mean age\?\); it uses: age,"),
+    ({"size": 1, "Age": 50, "age": 51}, r"age is given twice"),
 ])
 def test_bad_values_raise_clinical_input_error(schema, values, pattern):
     with pytest.raises(ClinicalInputError, match=pattern):
