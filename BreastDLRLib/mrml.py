@@ -466,7 +466,7 @@ def _add_table(scene, lesions: Sequence[Mapping[str, Any]]):
         table.AddColumn(array)
         if unit:
             table.SetColumnUnitLabel(name, unit)
-    table.SetColumnDescription("depth mm", "Depth of the lesion's top below the skin line")
+    table.SetColumnDescription("depth mm", "Depth from the skin line (depth_from_skin_mm of the findings)")
     table.SetColumnDescription("recommendation", "Research use only: not a medical device")
     _ensure_storage(table)
     table.SetAttribute(ROLE_ATTRIBUTE, "table")

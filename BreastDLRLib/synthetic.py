@@ -158,7 +158,7 @@ class _LesionModel:
     base_radii: np.ndarray  # (rk, rj, ri) mm
     rot: np.ndarray  # 3x3, columns = lesion axes in (k, j, i) mm coordinates
     bumps: List[Tuple[str, np.ndarray, float, float]]  # (profile, unit dir (3,), amplitude, width)
-    fmax: float
+    surface: np.ndarray  # f(u) * u on fixed probe directions, to bound the lesion's extent
     echo_db: float
     texture_db: float
     edge_sigma_mm: float
@@ -201,11 +201,11 @@ def _bump(profile: str, cosang: np.ndarray, width: float) -> np.ndarray:
     return np.sqrt(np.maximum(0.0, 1.0 - (theta / width) ** 2))  # "lobe": rounded microlobule
 
 
-def _radius_factor(m: _LesionModel, u: np.ndarray) -> np.ndarray:
-    """Perturbed radius f(u) >= ~0.6 for unit directions u (..., 3) in the lesion's normalised frame."""
-    f = np.ones(u.shape[:-1], dtype=np.float32)
-    for profile, d, amp, width in m.bumps:
-        f += np.float32(amp) * _bump(profile, u @ d.astype(np.float32), width).astype(np.float32)
+def _radius_factor(bumps: List[Tuple[str, np.ndarray, float, float]], u: np.ndarray) -> np.ndarray:
+    """Perturbed radius f(u) for unit directions u (..., 3) in the lesion's normalised frame (dtype of u)."""
+    f = np.ones(u.shape[:-1], dtype=u.dtype)
+    for profile, d, amp, width in bumps:
+        f += (amp * _bump(profile, u @ d.astype(u.dtype), width)).astype(u.dtype)
     return f
 
 
@@ -251,50 +251,49 @@ def _draw_lesion(rng: np.random.Generator, kind: str, is_2d: bool) -> _LesionMod
     if orientation == "parallel":
         rj, ri = short, long_
         rk = ri * rng.uniform(0.75, 1.0)
-        tilt = np.deg2rad(rng.uniform(-12, 12))
     else:
         rj, ri = long_, short
         rk = ri * rng.uniform(0.9, 1.15)
-        tilt = np.deg2rad(rng.uniform(-10, 10))
-    yaw = 0.0 if is_2d else np.deg2rad(rng.uniform(-30, 30))
-    c, s = math.cos(tilt), math.sin(tilt)
-    r_ji = np.array([[1, 0, 0], [0, c, -s], [0, s, c]])  # rotation in the (j, i) image plane
-    c, s = math.cos(yaw), math.sin(yaw)
-    r_ki = np.array([[c, 0, -s], [0, 1, 0], [s, 0, c]])  # rotation in the (k, i) plane
-    rot = r_ki @ r_ji
-
-    # margin perturbation of the radius
-    if shape == "irregular":
-        add("vmf", 4 * n_scale, (0.12, 0.25), (2.0, 4.0), signed=True)
-    else:
-        add("vmf", 3 * n_scale, (0.0, 0.03), (2.0, 3.0), signed=True)
-    if margin == "angular":
-        add("tent", int(rng.integers(4, 8)) * n_scale, (0.18, 0.35), (0.35, 0.6))
-    elif margin == "spiculated":
-        add("tent", int(rng.integers(8, 16)) * n_scale, (0.3, 0.6), (0.05, 0.1))
-    elif margin == "microlobulated":
-        add("lobe", int(rng.integers(14, 24)) * n_scale, (0.05, 0.1), (0.15, 0.25))
-    fmax = float(_radius_factor_raw(bumps, _probe_dirs(is_2d)).max()) * 1.05
+    radii = np.array([rk, rj, ri])
+    probe = _probe_dirs(is_2d)
+    for _ in range(100):  # redraw tilt and margin until the shape's extents agree with its orientation
+        bumps.clear()
+        tilt = np.deg2rad(rng.uniform(-12, 12) if orientation == "parallel" else rng.uniform(-10, 10))
+        yaw = 0.0 if is_2d else np.deg2rad(rng.uniform(-30, 30))
+        c, s = math.cos(tilt), math.sin(tilt)
+        r_ji = np.array([[1, 0, 0], [0, c, -s], [0, s, c]])  # rotation in the (j, i) image plane
+        c, s = math.cos(yaw), math.sin(yaw)
+        r_ki = np.array([[c, 0, -s], [0, 1, 0], [s, 0, c]])  # rotation in the (k, i) plane
+        rot = r_ki @ r_ji
+        if shape == "irregular":
+            add("vmf", 4 * n_scale, (0.12, 0.25), (2.0, 4.0), signed=True)
+        else:
+            add("vmf", 3 * n_scale, (0.0, 0.03), (2.0, 3.0), signed=True)
+        if margin == "angular":
+            add("tent", int(rng.integers(4, 8)) * n_scale, (0.18, 0.35), (0.35, 0.6))
+        elif margin == "spiculated":
+            # spicules: narrow cones; in 3D more and wider ones so that they cross the image planes
+            add("tent", int(rng.integers(8, 16)) * (1 if is_2d else 5), (0.35, 0.7), (0.08, 0.16) if is_2d else (0.12, 0.22))
+        elif margin == "microlobulated":
+            add("lobe", int(rng.integers(14, 24)) * n_scale, (0.05, 0.1), (0.15, 0.25))
+        surface = _radius_factor(bumps, probe)[:, None] * probe
+        _, hj, hi = np.abs((surface * radii[None, :]) @ rot.T).max(axis=0)
+        need = 1.08 if shape == "round" else 1.15
+        if (hi > need * hj) if orientation == "parallel" else (hj > need * hi):
+            break
 
     edge_sigma = 0.08 if margin == "circumscribed" else 0.2
     if posterior == "shadowing":
         post, cap = -rng.uniform(0.9, 1.5), 14.0
     elif posterior == "enhancement":
-        post, cap = (rng.uniform(1.0, 1.6) if cyst else rng.uniform(0.6, 1.0)), 9.0
+        post, cap = (rng.uniform(1.0, 1.6) if cyst else rng.uniform(0.8, 1.3)), 9.0
     else:
         post, cap = 0.0, 0.0
     truth = SyntheticLesion(0, kind, shape, margin, orientation, posterior, calc, (0.0, 0.0, 0.0),
                             (0.0 if is_2d else float(rk), float(rj), float(ri)), birads, echo, halo)
-    return _LesionModel(truth, np.array([rk, rj, ri]), rot, bumps, fmax, float(echo_db), texture_db,
+    return _LesionModel(truth, np.array([rk, rj, ri]), rot, bumps, surface, float(echo_db), texture_db,
                         edge_sigma, 6.0 if halo else 0.0, float(post), cap,
                         int(rng.integers(3, 10)) if calc else 0)
-
-
-def _radius_factor_raw(bumps: List[Tuple[str, np.ndarray, float, float]], u: np.ndarray) -> np.ndarray:
-    f = np.ones(u.shape[:-1])
-    for profile, d, amp, width in bumps:
-        f += amp * _bump(profile, u @ d, width)
-    return f
 
 
 def _lesion_mask(m: _LesionModel, radii: np.ndarray, centre_mm: np.ndarray, bbox: Tuple[slice, ...],
@@ -310,7 +309,7 @@ def _lesion_mask(m: _LesionModel, radii: np.ndarray, centre_mm: np.ndarray, bbox
         q /= radii.astype(np.float32)
     r = np.sqrt((q**2).sum(-1))
     u = q / np.maximum(r, 1e-6)[..., None]
-    return r <= _radius_factor(m, u)
+    return r <= _radius_factor(m.bumps, u)
 
 
 # ------------------------------------------------------------------------------------- geometry
@@ -356,12 +355,12 @@ def _place_lesions(rng: np.random.Generator, models: List[_LesionModel], shape: 
     share = max(1.0, len(models) if is_2d else math.sqrt(len(models)))  # lateral room shared by the lesions
     room = np.array([extent[0] / share, float(np.median(layers.gland - layers.fat)) - 2 * _MARGIN_MM, extent[2] / share])
     for n, m in enumerate(models, start=1):
-        half0 = m.fmax * np.sqrt(((m.rot * m.base_radii[None, :]) ** 2).sum(axis=1))  # bbox half-extent (k, j, i) mm
-        fit = 0.85 * room / (2 * half0)
+        half0 = _half_extent(m, m.base_radii)
+        fit = 0.85 * room / (2 * np.maximum(half0, 1e-6))
         scale = min(1.0, fit[1], fit[2], 1.0 if is_2d else fit[0])  # start from a size that can fit
         for attempt in range(400):
             radii = m.base_radii * scale * max(0.3, 0.93 ** (attempt // 10))
-            half = m.fmax * np.sqrt(((m.rot * radii[None, :]) ** 2).sum(axis=1))
+            half = _half_extent(m, radii)
             if is_2d:
                 half[0] = 0.0
             ck = 0.0 if is_2d else rng.uniform(0, extent[0])
@@ -408,6 +407,11 @@ def _place_lesions(rng: np.random.Generator, models: List[_LesionModel], shape: 
     return labels
 
 
+def _half_extent(m: _LesionModel, radii: np.ndarray) -> np.ndarray:
+    """Half-extent (k, j, i) in mm of the perturbed, rotated lesion, with a 5 % safety margin."""
+    return 1.05 * np.abs((m.surface * radii[None, :]) @ m.rot.T).max(axis=0)
+
+
 def _too_close(labels: np.ndarray, mask: np.ndarray, bbox: Tuple[slice, ...], sp: np.ndarray) -> bool:
     pad = [int(np.ceil(_GAP_MM / s)) for s in sp]
     big = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(bbox, pad, labels.shape))
@@ -443,7 +447,7 @@ def _prepare_lesions(models: List[_LesionModel], shape: Tuple[int, int, int], sp
         halo = np.zeros_like(soft)
         if m.halo_db:
             wide = ndimage.gaussian_filter(local, [0.0 if s == 0 else 0.6 / sp[a] for a, s in enumerate(sig)], mode="constant")
-            halo = np.clip(wide - soft, 0, None) * 2.0
+            halo = np.clip(wide - soft, 0, None) * np.float32(2.0 * m.halo_db)  # echogenic rim, dB
         shift = np.cumsum(soft, axis=1) * np.float32(sp[1] * m.posterior_db_per_mm)
         if m.posterior_db_per_mm:
             shift = np.clip(shift, -m.posterior_cap_db, m.posterior_cap_db)
@@ -517,7 +521,7 @@ def _render(rng: np.random.Generator, shape: Tuple[int, int, int], sp: np.ndarra
             region = (slice(lo - k0, hi - k0), r.bbox[1], r.bbox[2])
             w = r.soft[sl]
             inside = np.float32(r.echo_db) + np.float32(r.texture_db) * tex[region]
-            db[region] = db[region] * (1 - w) + inside * w + 6.0 * r.halo[sl]
+            db[region] = db[region] * (1 - w) + inside * w + r.halo[sl]
             db[region] += r.shift[sl]
             below = (region[0], slice(r.bbox[1].stop, J), r.bbox[2])
             db[below] += r.shift[sl][:, -1:, :]
@@ -594,8 +598,11 @@ def make_image(seed: int, shape: Tuple[int, int] = (256, 256), spacing_mm: Union
                kinds: Optional[Sequence[str]] = None, allow_edge: bool = False) -> SyntheticCase:
     """A handheld-like 2D image (rows = depth, row 0 = skin) as a one-slice Volume, uint8 grey.
 
+    ``n_lesions`` None draws 0–2 lesions (mostly 1); ``malignant`` True makes at least one lesion malignant,
+    False makes all benign (both imply at least one lesion unless ``n_lesions=0``), None draws it (40 %).
     ``spacing_mm`` is one value or (si, sj); ``kinds`` (e.g. ``("benign", "malignant")``) fixes the lesions'
-    kinds and overrides the random draw of ``n_lesions``/``malignant``."""
+    kinds in label order.  ``allow_edge`` lets lesions be cut by the image's lateral edges.  Raises
+    ValueError when the lesions cannot fit in the glandular layer."""
     si, sj = (float(spacing_mm), float(spacing_mm)) if np.isscalar(spacing_mm) else map(float, spacing_mm)  # type: ignore[arg-type]
     sp = np.array([1.0, sj, si])
     shp = (1, int(shape[0]), int(shape[1]))
@@ -614,7 +621,8 @@ def make_volume(seed: int, shape_kji: Tuple[int, int, int] = (64, 160, 200),
                 allow_edge: bool = False) -> SyntheticCase:
     """An ABVS-like volume, uint8 grey.  ``spacing`` is (si, sj, sk) mm (ITK order).  Rows (axis 1) are
     depth; the probe sweep is array axis ``acquisition_axis`` (0 or 2) and the lateral axis is the other.
-    Lesion centres, radii and layer maps refer to the returned array's axes."""
+    Lesion centres, radii and layer maps refer to the returned array's axes.  ``n_lesions``, ``malignant``,
+    ``kinds`` and ``allow_edge`` as in :func:`make_image` (``n_lesions`` None draws 0–3, mostly 1–2)."""
     if acquisition_axis not in (0, 2):
         raise ValueError("acquisition_axis must be 0 or 2 (axis 1 is depth)")
     shape = tuple(int(n) for n in shape_kji)

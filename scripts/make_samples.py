@@ -6,6 +6,9 @@
 * ``synthetic_image.png`` + ``synthetic_image_mask.png`` (0/255) + ``synthetic_image.json``: a 2D image of
   320 x 400 pixels at 0.1 mm with one malignant-like lesion (PNG has no spacing: it is in the JSON).
 
+If the folder holds a ``samples.json`` (the Slicer Sample Data list), its SHA-256 checksums are refreshed
+with ``BreastDLRSlicerLib.samples.update_samples_json``.
+
 Usage: ``python scripts/make_samples.py [output_folder]``
 """
 from __future__ import annotations
@@ -41,6 +44,11 @@ def main(out: Path) -> None:
     truth = synthetic.case_truth(img)
     truth["pixel_spacing_mm"] = list(img.image.spacing[:2])
     (out / "synthetic_image.json").write_text(json.dumps(truth, indent=1))
+    if (out / "samples.json").is_file():
+        sys.path.insert(0, str(REPO / "BreastDLR"))
+        from BreastDLRSlicerLib.samples import update_samples_json
+
+        print(f"refreshed checksums in {update_samples_json(out)}")
     for p in sorted(out.glob("synthetic_*")):
         print(f"{p.relative_to(out.parent)}  {p.stat().st_size:>9d} bytes")
 

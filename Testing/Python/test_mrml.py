@@ -284,6 +284,17 @@ def test_saved_scene_restores_all_results(findings_case, target):
     check_results(fresh, restored, case, reference)
 
 
+def test_no_lesions_gives_empty_segmentation_and_table(findings_case):
+    case = findings_case
+    write_image(case["dir"] / "labels.nrrd", np.zeros_like(case["labels"]), case["geometry"])
+    findings = {"lesions": [], "outputs": {"label_map": "labels.nrrd", "heatmap": None}}
+    ids = mrml.add_findings_to_scene(case["scene"], findings, case["dir"], case["reference"])
+    scene = case["scene"]
+    assert scene.GetNodeByID(ids["segmentation"]).GetSegmentation().GetNumberOfSegments() == 0
+    assert scene.GetNodeByID(ids["table"]).GetNumberOfRows() == 0
+    assert ids["rois"] == {} and ids["heatmap"] is None and ids["focus_ras"] is None
+
+
 def test_lesion_missing_from_label_map_is_refused(findings_case):
     case = findings_case
     case["findings"]["lesions"].append(dict(case["findings"]["lesions"][1], id=3))

@@ -1,0 +1,179 @@
+"""The pipeline and its writers on small real bundles whose segmenter has a known answer (see conftest)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from BreastDLRLib.errors import Cancelled, ClinicalInputError, InputError
+from BreastDLRLib.io import read_volume, write_volume
+from BreastDLRLib.outputs import validate_findings, write_analysis, write_segmentation
+from BreastDLRLib.pipeline import Pipeline, analyze_file
+from BreastDLRLib.synthetic import make_image, make_volume
+from BreastDLRLib.volume import Volume
+from conftest import make_tiny_bundles
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_bundles):
+    return Pipeline.from_paths([str(p) for p in tiny_bundles.values()], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def empty_pipe(tmp_path_factory, tiny_bundles):
+    none = make_tiny_bundles(tmp_path_factory.mktemp("none"), seg_bias=-5.0)
+    return Pipeline.from_paths([str(none["segmenter"]), str(tiny_bundles["malignancy"]), str(tiny_bundles["risk"])], device="cpu")
+
+
+def oblique_volume(shape=(6, 40, 48)) -> Volume:
+    th = np.deg2rad(20)
+    d = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1]])
+    rng = np.random.default_rng(0)
+    return Volume(rng.integers(0, 255, shape).astype(np.uint8), spacing=(0.2, 0.3, 0.7), origin=(5.0, -3.0, 12.0),
+                  direction=d, metadata={"spacing_source": "file", "source": "oblique.nrrd"})
+
+
+def test_all_lesion_segmenter_on_an_image(pipe, tmp_path):
+    case = make_image(seed=2)
+    res = pipe.analyze(case.image, birads="4A")
+    assert len(res.lesions) == 1
+    les = res.lesions[0].lesion
+    assert les.voxels == case.image.array.size and les.touches_edge
+    p = res.lesions[0].probabilities
+    assert 0 <= p["malignancy"] <= 1 and 0 <= p["high_risk"] <= 1
+    rec = res.lesions[0].recommendation
+    expected = {(False, False): "downgrade", (True, True): "upgrade"}.get(
+        (p["high_risk"] >= 0.5, p["malignancy"] >= 0.5), "keep")
+    assert rec.action == expected and rec.birads_in == "4a"
+    assert res.heatmap.shape == case.image.shape and 0 <= res.heatmap.array.min() and res.heatmap.array.max() <= 1
+    assert res.heatmap.array.max() > 0  # Grad-CAM painted something inside the crop
+    findings = write_analysis(tmp_path / "out", res)
+    validate_findings(findings)
+    out = tmp_path / "out"
+    for name in ("findings.json", "lesions.json", "labels.nrrd", "labels.png", "heatmap.nrrd", "report.html", "preview.png"):
+        assert (out / name).is_file(), name
+    on_disk = json.loads((out / "findings.json").read_text())
+    assert on_disk == findings and on_disk["birads"] == "4a"
+    assert "Research use only" in (out / "report.html").read_text()
+    labels = read_volume(out / "labels.nrrd")
+    assert labels.same_geometry(case.image) and labels.array.max() == 1
+    heat = read_volume(out / "heatmap.nrrd")
+    np.testing.assert_allclose(heat.array, res.heatmap.array, atol=1e-6)
+
+
+def test_no_lesion(empty_pipe, tmp_path):
+    case = make_image(seed=3)
+    res = empty_pipe.analyze(case.image, birads="4a")
+    assert res.lesions == []
+    findings = write_analysis(tmp_path / "o", res)
+    assert findings["lesions"] == []
+    assert "No lesion found" in (tmp_path / "o" / "report.html").read_text()
+    assert read_volume(tmp_path / "o" / "labels.nrrd").array.max() == 0
+
+
+def test_oblique_volume_keeps_geometry(pipe, tmp_path):
+    vol = oblique_volume()
+    res = pipe.segment(vol)
+    doc = write_segmentation(tmp_path / "seg", res)
+    labels = read_volume(tmp_path / "seg" / "labels.nrrd")
+    assert labels.same_geometry(vol)
+    centre = doc["lesions"][0]["centre_ras"]
+    k, j, i = [(n - 1) / 2 for n in vol.shape]
+    np.testing.assert_allclose(centre, vol.array_index_to_ras((k, j, i)), atol=1e-6)
+
+
+def test_three_planes_used_for_volumes_with_a_three_plane_model(tmp_path, tiny_bundles):
+    import torch
+
+    from BreastDLRLib.bundles import save_bundle
+    from BreastDLRLib.networks.classifiers import build_classifier
+
+    torch.manual_seed(0)
+    net = build_classifier("ThreePlaneFusion", backbone="resnet18")
+    b = save_bundle(tmp_path / "abvs", net, {
+        "name": "t3", "version": "0", "role": "abvs-malignancy", "architecture": "ThreePlaneFusion",
+        "arguments": {"backbone": "resnet18"}, "input": {"size": [48, 48], "frames": 3}, "labels": ["b", "m"],
+        "thresholds": {"probability": 0.5}, "provenance": {}, "metrics": {}, "licence": "x", "intended_use": "tests"}, "c")
+    p = Pipeline.from_paths([str(tiny_bundles["segmenter"]), str(tiny_bundles["malignancy"]), str(b.path)], device="cpu")
+    case = make_volume(seed=1, shape_kji=(12, 48, 64), n_lesions=1)
+    res = p.analyze(case.image)
+    lr = res.lesions[0]
+    assert set(lr.crops) == {"transverse", "sagittal", "coronal"}
+    assert len(lr.frame_probabilities["malignancy"]) == 3
+    assert set(lr.cams) == {"transverse", "sagittal", "coronal"}
+    # the heatmap is painted on the three slabs through the lesion centre, nowhere else
+    nz = np.argwhere(res.heatmap.array > 0)
+    k, j, i = (int(np.floor(c + 0.5)) for c in lr.lesion.centre_kji)
+    assert np.all((nz[:, 0] == k) | (nz[:, 1] == j) | (nz[:, 2] == i))
+    # a 2D image with the same models falls back to the 2D model
+    img = p.analyze(make_image(seed=5).image)
+    assert set(img.lesions[0].crops) == {"transverse"}
+
+
+def test_clinical_values_without_a_clinical_model_are_refused(pipe):
+    with pytest.raises(ClinicalInputError, match="age"):
+        pipe.analyze(make_image(seed=1).image, clinical={"age": "52"})
+
+
+def test_bad_birads_is_refused(pipe):
+    with pytest.raises(ClinicalInputError):
+        pipe.analyze(make_image(seed=1).image, birads="7x")
+
+
+def test_cancel_writes_nothing(tiny_bundles, tmp_path):
+    src = tmp_path / "in.nrrd"
+    write_volume(make_volume(seed=2, shape_kji=(20, 64, 64), n_lesions=1).image, src)
+    out = tmp_path / "cancelled"
+    with pytest.raises(Cancelled):
+        analyze_file(src, out, model_paths=[str(p) for p in tiny_bundles.values()], device="cpu", cancel=lambda: True)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+
+
+def test_corrupt_input_writes_nothing(tiny_bundles, tmp_path):
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"DICM" * 40)
+    out = tmp_path / "o"
+    with pytest.raises(InputError):
+        analyze_file(bad, out, model_paths=[str(p) for p in tiny_bundles.values()], device="cpu")
+    assert not out.exists()
+
+
+def test_nan_volume_refused(pipe):
+    a = np.zeros((2, 32, 32), np.float32)
+    a[0, 3, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        pipe.segment(Volume(a))
+
+
+def test_progress_is_reported_in_order(pipe):
+    seen = []
+    pipe.analyze(make_volume(seed=4, shape_kji=(10, 48, 48), n_lesions=1).image,
+                 progress=lambda s, f, m="": seen.append((s, f)))
+    stages = [s for s, _ in seen]
+    assert stages[0] == "segment" and stages[-1] == "classify"
+    fr = [f for _, f in seen]
+    assert fr == sorted(fr) and fr[-1] == 1.0
+
+
+def test_cuda_is_refused_without_a_gpu(tiny_bundles):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: see test_gpu_agrees_with_cpu")
+    with pytest.raises(InputError, match="no CUDA GPU"):
+        Pipeline.from_paths([str(tiny_bundles["segmenter"])], device="cuda")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (none on the project's CI)")
+def test_gpu_agrees_with_cpu(tiny_bundles):
+    """Tolerance: probabilities within 1e-3 (fp32 on both; bf16 is used only on the CPU and off here)."""
+    case = make_image(seed=9)
+    paths = [str(p) for p in tiny_bundles.values()]
+    cpu = Pipeline.from_paths(paths, device="cpu", bf16=False).analyze(case.image, explain=False)
+    gpu = Pipeline.from_paths(paths, device="cuda", bf16=False).analyze(case.image, explain=False)
+    for a, b in zip(cpu.lesions, gpu.lesions):
+        for k in a.probabilities:
+            assert abs(a.probabilities[k] - b.probabilities[k]) < 1e-3
