@@ -7,5 +7,5 @@ cd "$root"
 bash scripts/setup.sh requirements.txt
 out="${1:-demo-output}"
 .venv/bin/breastdlr analyze Resources/Samples/synthetic_abvs.nrrd --out "$out/abvs" --birads 4a --clinical age=52
-.venv/bin/breastdlr analyze Resources/Samples/breast_us_sample.png --out "$out/image" --birads 4a --clinical age=47
+.venv/bin/breastdlr analyze Resources/Samples/breast_us_sample.png --spacing 0.109768 --out "$out/image" --birads 4a --clinical age=38
 echo "Open $out/abvs/report.html and $out/image/report.html"

@@ -1,7 +1,10 @@
-"""Retrain a shipped 2D lesion classifier (malignancy "BM" or BI-RADS risk "LH") from a manifest.
+"""Retrain the shipped 2D lesion classifiers (malignancy "BM", BI-RADS risk "LH") from a manifest.
 
     .venv/bin/python scripts/train_classifier.py --manifest ../shared/data/breast-us/manifest.csv \
-        --task malignancy --out Resources/Models/breastdlr-malignancy-2d
+        --task both --out Resources/Models
+
+``--task both`` trains one shared trunk with two heads and writes one bundle per task under --out;
+``--task malignancy`` or ``risk`` writes a single bundle at --out.
 """
 from __future__ import annotations
 
@@ -31,14 +34,18 @@ def main() -> None:
     cfg = ClassifierConfig(**{f.name: getattr(a, f.name) for f in fields(ClassifierConfig)})
     work = a.work or str(Path(a.out).with_name(Path(a.out).name + "-work"))
     res = train_classifier(a.manifest, cfg, work, log=lambda m: print(m, flush=True))
-    manifest, card = classifier_manifest_and_card(res, a.manifest)
-    b = save_bundle(a.out, res["model"], manifest, card, half=True)
     import numpy as np
 
-    np.savez(Path(work) / f"val_{cfg.task}.npz", probs=res["val_probs"], labels=res["labels"][res["val_index"]],
-             case_id=np.array([res["cases"][i].case_id for i in res["val_index"]]))
-    print(json.dumps(res["metrics"], indent=1))
-    print(f"[train] bundle written to {b.path}")
+    out_dir = Path(a.out)
+    for task, r in res["tasks"].items():
+        one = {**r, "config": {**res["config"], "task": task}, "arguments": res["arguments"]}
+        manifest, card = classifier_manifest_and_card(one, a.manifest)
+        dest = out_dir if len(res["tasks"]) == 1 else out_dir / manifest["name"]
+        b = save_bundle(dest, r["model"], manifest, card, half=True)
+        np.savez(Path(work) / f"val_{task}.npz", probs=r["val_probs"], labels=r["labels"][r["val_index"]],
+                 case_id=np.array([res["cases"][i].case_id for i in r["val_index"]]))
+        print(json.dumps(r["metrics"], indent=1))
+        print(f"[train] {task} bundle written to {b.path}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,18 @@ class ClassifierConfig:
     bf16: bool = True
 
 
+TASK_NAMES = ("malignancy", "risk")
+
+
+def tasks_of(task: str) -> Tuple[str, ...]:
+    """``"both"`` trains malignancy and risk heads on one shared trunk (half the CPU of two runs)."""
+    if task == "both":
+        return TASK_NAMES
+    if task not in TASK_NAMES:
+        raise ValueError(f"unknown task {task!r}; use malignancy, risk or both")
+    return (task,)
+
+
 def label_of(case: Case, task: str) -> Optional[int]:
     return case.malignant if task == "malignancy" else case.high_risk
 
@@ -89,22 +101,23 @@ def build_crops(cases: List[Case], task: str, size: int, margin: float, cache: O
         by_id = {c.case_id: c for c in cases}
         kept = [by_id[i] for i in ids if i in by_id]
         if len(kept) == len(ids):
-            return z["x"], z["y"], kept
+            y = np.array([[-1 if label_of(c, t) is None else label_of(c, t) for t in tasks_of(task)] for c in kept])
+            return z["x"], y.astype(np.int64), kept
     xs, ys, kept = [], [], []
     t0 = time.time()
     for n, c in enumerate(cases):
-        y = label_of(c, task)
-        if y is None:
+        y = [label_of(c, t) for t in tasks_of(task)]
+        if all(v is None for v in y):
             continue
         crop = lesion_crop(c, size, margin)
         if crop is None:
             continue
         xs.append((crop * 255).astype(np.uint8))
-        ys.append(y)
+        ys.append([-1 if v is None else v for v in y])
         kept.append(c)
         if n % 500 == 0:
             log(f"[crops] {n}/{len(cases)} ({time.time() - t0:.0f} s)")
-    x, y = np.stack(xs), np.asarray(ys, dtype=np.int64)
+    x, y = np.stack(xs), np.asarray(ys, dtype=np.int64).reshape(len(ys), -1)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(cache, x=x, y=y, case_id=np.array([c.case_id for c in kept]))
@@ -132,13 +145,28 @@ def _to_input(x_uint8: np.ndarray) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict_probs(model, x: np.ndarray, bf16: bool, batch: int = 64) -> np.ndarray:
+    """(N, T) positive-class probabilities, one column per task (logits come in pairs)."""
     model.eval()
     out = []
     for s in range(0, len(x), batch):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(_to_input(x[s:s + batch]))
-        out.append(torch.softmax(logits.float(), 1)[:, 1].numpy())
+            logits = model(_to_input(x[s:s + batch])).float()
+        pairs = logits.view(len(logits), -1, 2)
+        out.append(torch.softmax(pairs, 2)[..., 1].numpy())
     return np.concatenate(out)
+
+
+def task_model(model, t: int):
+    """The single-task EmbeddingNet (2 outputs) for task column ``t`` of a multi-task model."""
+    import copy
+
+    single = build_classifier("EmbeddingNet", backbone=model.backbone, embedding_dim=model.embedding_dim,
+                              num_classes=2, dropout=model.dropout_p)
+    state = copy.deepcopy(model.state_dict())
+    state["classifier.weight"] = state["classifier.weight"][2 * t:2 * t + 2].clone()
+    state["classifier.bias"] = state["classifier.bias"][2 * t:2 * t + 2].clone()
+    single.load_state_dict(state)
+    return single.eval()
 
 
 def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str | Path,
@@ -154,15 +182,19 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
         torch.set_num_threads(cfg.threads)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    cases = [c for c in read_manifest_csv(manifest) if label_of(c, cfg.task) is not None]
-    if cfg.max_cases:
-        cases = cases[: cfg.max_cases]
+    tasks = tasks_of(cfg.task)
+    cases = [c for c in read_manifest_csv(manifest) if any(label_of(c, t) is not None for t in tasks)]
+    if cfg.max_cases:  # an evenly spread subset (manifests are often sorted by label)
+        cases = cases[:: max(1, len(cases) // cfg.max_cases)][: cfg.max_cases]
     x, y, cases = build_crops(cases, cfg.task, cfg.size, cfg.margin, cache=work / f"crops_{cfg.task}_{cfg.size}.npz", log=log)
-    folds = patient_folds(cases, cfg.folds, cfg.seed, stratify="label" if cfg.task == "malignancy" else "birads")
+    folds = patient_folds(cases, cfg.folds, cfg.seed, stratify="label" if "malignancy" in tasks else "birads")
     tr, va = np.where(folds != cfg.val_fold)[0], np.where(folds == cfg.val_fold)[0]
     assert not ({cases[i].patient_id for i in tr} & {cases[i].patient_id for i in va}), "patient on both sides"
-    log(f"[train] {cfg.task}: {len(tr)} training, {len(va)} validation crops; positives {y[tr].mean():.2f} / {y[va].mean():.2f}")
-    model = build_classifier("EmbeddingNet", backbone=cfg.backbone, embedding_dim=128, num_classes=2, dropout=0.2)
+    for t, name in enumerate(tasks):
+        ytr, yva = y[tr, t], y[va, t]
+        log(f"[train] {name}: {int((ytr >= 0).sum())} training, {int((yva >= 0).sum())} validation crops; "
+            f"positives {ytr[ytr >= 0].mean():.2f} / {yva[yva >= 0].mean():.2f}")
+    model = build_classifier("EmbeddingNet", backbone=cfg.backbone, embedding_dim=128, num_classes=2 * len(tasks), dropout=0.2)
     model = model.to(memory_format=torch.channels_last)
     if preset["optimizer"] == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=preset.get("momentum", 0.9), weight_decay=cfg.weight_decay)
@@ -172,8 +204,11 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=max(cfg.weight_decay, 1e-2))
     steps = epochs * math.ceil(len(tr) / bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    w = torch.tensor([1.0 / max(1e-6, 1 - y[tr].mean()), 1.0 / max(1e-6, y[tr].mean())], dtype=torch.float32)
-    w = w / w.sum() * 2
+    weights = []
+    for t in range(len(tasks)):
+        pos = y[tr, t][y[tr, t] >= 0].mean()
+        w = torch.tensor([1.0 / max(1e-6, 1 - pos), 1.0 / max(1e-6, pos)], dtype=torch.float32)
+        weights.append(w / w.sum() * 2)
     ckpt = work / f"checkpoint_{cfg.task}.pt"
     start, best, best_epoch, history = 0, -1.0, 0, []
     if ckpt.is_file():
@@ -200,15 +235,20 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
             xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = model(xb)
-            loss = F.cross_entropy(logits.float(), torch.from_numpy(y[idx]), weight=w)
+            pairs = logits.float().view(len(idx), len(tasks), 2)
+            yb = torch.from_numpy(y[idx])
+            loss = sum(F.cross_entropy(pairs[:, t], yb[:, t], weight=weights[t], ignore_index=-1)
+                       for t in range(len(tasks)) if (yb[:, t] >= 0).any())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
         p = predict_probs(model, x[va], cfg.bf16)
-        auc = roc_auc(y[va], p).auc
-        rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_auc": float(auc), "seconds": time.time() - te}
+        aucs = {name: roc_auc(y[va, t][y[va, t] >= 0], p[y[va, t] >= 0, t]).auc for t, name in enumerate(tasks)}
+        auc = float(np.mean(list(aucs.values())))
+        rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_auc": auc, "val_auc_by_task": aucs,
+               "seconds": time.time() - te}
         history.append(rec)
         improved = auc > best
         if improved:
@@ -217,7 +257,8 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "epoch": epoch, "best": best, "best_epoch": best_epoch}, ckpt)
         (work / f"history_{cfg.task}.json").write_text(json.dumps(history, indent=1))
-        log(f"[train] {cfg.task} epoch {epoch + 1}/{epochs} loss {rec['loss']:.3f} val AUC {auc:.3f} "
+        log(f"[train] {cfg.task} epoch {epoch + 1}/{epochs} loss {rec['loss']:.3f} val AUC "
+            f"{' '.join(f'{k} {v:.3f}' for k, v in aucs.items())} "
             f"({rec['seconds']:.0f} s, ETA {(epochs - epoch - 1) * rec['seconds'] / 60:.0f} min){' *' if improved else ''}")
         if epoch + 1 - best_epoch >= cfg.patience:
             log("[train] early stop")
@@ -229,17 +270,25 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
     model.eval()
     p32 = predict_probs(model, x[va], False)
     p16 = predict_probs(model, x[va], True)
-    auc = roc_auc(y[va], p32)
-    metrics = {"validation": f"one patient-level fold of {cfg.folds}", "val_crops": int(len(va)),
-               "val_patients": len({cases[i].patient_id for i in va}), "val_positives": int(y[va].sum()),
-               "auc": auc.auc, "auc_ci95": [auc.ci_low, auc.ci_high],
-               "auc_by_dataset": {}, "bf16_vs_fp32_max_abs_diff": float(np.abs(p16 - p32).max()),
-               "best_epoch": best_epoch, "epochs_run": len(history)}
-    ds = np.array([cases[i].dataset for i in va])
-    for d in sorted(set(ds)):
-        sel = ds == d
-        if len(set(y[va][sel])) == 2:
-            metrics["auc_by_dataset"][d] = roc_auc(y[va][sel], p32[sel]).auc
-    return {"model": model, "metrics": metrics, "history": history, "config": asdict(cfg), "n_train": int(len(tr)),
-            "val_index": va, "val_probs": p32, "cases": cases, "labels": y,
+    results = {}
+    ds_all = np.array([cases[i].dataset for i in va])
+    for t, name in enumerate(tasks):
+        sel = y[va, t] >= 0
+        yt, pt = y[va, t][sel], p32[sel, t]
+        auc = roc_auc(yt, pt)
+        ds = ds_all[sel]
+        metrics = {"validation": f"one patient-level fold of {cfg.folds}", "val_crops": int(sel.sum()),
+                   "val_patients": len({cases[i].patient_id for i in va[sel]}), "val_positives": int(yt.sum()),
+                   "auc": auc.auc, "auc_ci95": [auc.ci_low, auc.ci_high], "auc_by_dataset": {},
+                   "bf16_vs_fp32_max_abs_diff": float(np.abs(p16[sel, t] - pt).max()),
+                   "best_epoch": best_epoch, "epochs_run": len(history),
+                   "multitask": list(tasks) if len(tasks) > 1 else None}
+        for d in sorted(set(ds)):
+            m = ds == d
+            if len(set(yt[m])) == 2:
+                metrics["auc_by_dataset"][d] = roc_auc(yt[m], pt[m]).auc
+        results[name] = {"model": task_model(model, t) if len(tasks) > 1 else model, "metrics": metrics,
+                         "n_train": int((y[tr, t] >= 0).sum()), "val_index": va[sel], "val_probs": pt,
+                         "labels": y[:, t]}
+    return {"tasks": results, "history": history, "config": asdict(cfg), "cases": cases,
             "arguments": {"backbone": cfg.backbone, "embedding_dim": 128, "num_classes": 2, "dropout": 0.2}}

@@ -1,0 +1,48 @@
+"""``breastdlr evaluate``: measure predictions against a truth manifest (see :mod:`.report`)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> None:
+    """Add ``evaluate`` to the ``breastdlr`` sub-commands."""
+    e = sub.add_parser(
+        "evaluate", help="AUC, ROC, sensitivity/specificity, calibration and decision curves of predictions",
+        description="Join predictions (e.g. PREDICTIONS.csv of 'breastdlr predict') to a truth manifest by case_id "
+                    "and write metrics.json, PNG plots and report.html. Research use only.")
+    e.add_argument("predictions", help="CSV with case_id and score columns")
+    e.add_argument("--truth", required=True, help="manifest CSV with case_id, label (and birads, dataset, device)")
+    e.add_argument("--out", required=True, help="output folder (created; an earlier evaluation there is replaced)")
+    e.add_argument("--columns", help="comma-separated score columns to evaluate and compare "
+                                     "(default: probability_malignant, or probability_high_risk for --task risk)")
+    e.add_argument("--task", choices=("malignancy", "risk"), default="malignancy",
+                   help="truth: malignancy = label malignant vs benign; risk = BI-RADS 4-5 vs 2-3")
+    e.add_argument("--threshold", default="0.5",
+                   help="operating point: a number (positive when score >= it; default 0.5) or youden")
+    e.add_argument("--embeddings", help="npz with arrays case_id and embedding: adds a t-SNE plot")
+    e.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the AUC CI (default 2000)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of t-SNE")
+    e.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .report import run_evaluation
+
+    columns = [c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None
+    m = run_evaluation(a.predictions, a.truth, a.out, columns=columns, task=a.task, threshold=a.threshold,
+                       embeddings=a.embeddings, n_boot=a.n_boot, seed=a.seed)
+    c = m["cases"]
+    print(f"{c['evaluated']} cases evaluated ({c['positive']} {m['inputs']['positive_class']}, {c['negative']} "
+          f"{m['inputs']['negative_class']}); {c['excluded']['total']} prediction rows excluded")
+    for col, cm in m["columns"].items():
+        auc, op = cm["auc"], cm["operating_point"]
+        print(f"  {col}: AUC {_f(auc['value'])} (95% CI {_f(auc['ci_low'])} to {_f(auc['ci_high'])}); at threshold "
+              f"{_f(op['threshold'])}: sensitivity {_f(op['sensitivity']['value'])}, specificity "
+              f"{_f(op['specificity']['value'])}")
+    print(f"report: {Path(a.out) / 'report.html'}")
+    return 0
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

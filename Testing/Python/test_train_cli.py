@@ -1,0 +1,188 @@
+"""``breastdlr train`` on a tiny synthetic manifest (32-pixel inputs, one epoch, one thread), run in-process
+through ``BreastDLRLib.cli.main``: bundles, cards, patient-level folds, cross-validation and resume."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from BreastDLRLib.bundles import open_bundle
+from BreastDLRLib.cli import main
+from BreastDLRLib.evaluation import roc_auc
+from BreastDLRLib.training import cli as train_cli
+from BreastDLRLib.training.data import patient_folds, read_manifest_csv
+
+N_IMAGES = 20
+FAST = ["--size", "32", "--epochs", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """20 synthetic images; two images per patient so that a split by image would mix patients."""
+    from BreastDLRLib.synthetic import make_dataset_2d
+
+    folder = tmp_path_factory.mktemp("synthetic")
+    path = make_dataset_2d(N_IMAGES, 3, folder, shape=(96, 96), spacing_mm=0.25)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames, list(reader)
+    for n, r in enumerate(rows):
+        r["patient_id"] = f"patient{n // 2}"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(rows)
+    labels = [r["label"] for r in rows]
+    assert labels.count("malignant") >= 4 and labels.count("benign") >= 4, labels
+    return path
+
+
+def _train(*args: str) -> int:
+    return main(["train", *args])
+
+
+def _labelled(manifest: Path):
+    """The cases the malignancy classifier can use: a pathology label and a non-empty mask."""
+    from PIL import Image
+
+    def has_lesion(c):
+        with Image.open(c.mask) as im:
+            return np.asarray(im).any()
+
+    return [c for c in read_manifest_csv(manifest) if c.malignant is not None and has_lesion(c)]
+
+
+def test_preset_names_match_the_training_presets():
+    from BreastDLRLib.training.classifier import PRESETS
+
+    assert set(train_cli.PRESET_NAMES) == set(PRESETS)
+
+
+@pytest.mark.slow
+def test_malignancy_bundle_holds_out_whole_patients(manifest, tmp_path, capsys):
+    out = tmp_path / "mal"
+    assert _train("malignancy", "--manifest", str(manifest), "--out", str(out), "--backbone", "resnet18",
+                  "--folds", "2", *FAST) == 0
+    b = open_bundle(out)
+    assert b.role == "malignancy" and b.manifest["default"] is False
+    assert b.manifest["weights"]["dtype"] == "float16"
+    b.model("cpu")                                              # the weights fit the network the manifest names
+    prov = b.manifest["provenance"]
+    assert "--backbone resnet18" in prov["command"] and "--folds 2" in prov["command"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"manifest.csv: synthetic ({N_IMAGES} images)" in card and "ResNet18 trunk" in card
+    assert "BUS-BRA" not in card                                # the card describes the data actually used
+    # the held-out images are fold 0 of the patient-level split, and no patient is on both sides
+    with open(out / "validation_predictions.csv", newline="") as f:
+        val = {r["case_id"] for r in csv.DictReader(f)}
+    usable = _labelled(manifest)
+    folds = patient_folds(usable, 2, 0, stratify="label")
+    assert val == {c.case_id for c, k in zip(usable, folds) if k == 0}
+    patients = {c.case_id: c.patient_id for c in usable}
+    assert not {patients[c] for c in val} & {patients[c.case_id] for c in usable if c.case_id not in val}
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("\n{") + 1:])     # epoch lines, then the JSON summary
+    assert summary["bundle"] == str(out) and summary["validation_fold"] == 0 and summary["cv"] is None
+    assert "[train] malignancy epoch 1/1" in printed
+
+
+@pytest.mark.slow
+def test_cross_validation_reports_every_fold(manifest, tmp_path):
+    out = tmp_path / "cv"
+    assert _train("malignancy", "--manifest", str(manifest), "--out", str(out), "--backbone", "resnet18",
+                  "--folds", "2", "--cv", *FAST) == 0
+    cv = json.loads((out / "cv_metrics.json").read_text())
+    assert cv["summary"]["folds"] == 2 and len(cv["per_fold"]) == 2
+    usable = {c.case_id: c for c in _labelled(manifest)}
+    val_sets = [set(f["val_case_ids"]) for f in cv["per_fold"]]
+    assert not val_sets[0] & val_sets[1] and val_sets[0] | val_sets[1] == set(usable)
+    pats = [{usable[c].patient_id for c in s} for s in val_sets]
+    assert not pats[0] & pats[1]                                 # no patient in two folds
+    # pooled out-of-fold AUC = AUC of every fold's held-out probabilities, from cv_predictions.csv
+    with open(out / "cv_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    y = np.array([usable[r["case_id"]].malignant for r in rows])
+    p = np.array([float(r["probability_malignant"]) for r in rows])
+    ref = roc_auc(y, p)
+    pooled = cv["summary"]["pooled_out_of_fold"]
+    assert pooled["auc"] == pytest.approx(ref.auc, abs=1e-5) and pooled["n"] == len(usable)
+    aucs = [f["auc"] for f in cv["per_fold"]]
+    assert cv["summary"]["auc"]["mean"] == pytest.approx(np.mean(aucs))
+    assert cv["summary"]["auc"]["sd"] == pytest.approx(np.std(aucs, ddof=1))
+    # the bundle is the fold-0 model: its validation predictions are fold 0's
+    with open(out / "validation_predictions.csv", newline="") as f:
+        assert {r["case_id"] for r in csv.DictReader(f)} == val_sets[0]
+    assert "fold-0 model" in (out / "MODEL_CARD.md").read_text()
+    assert open_bundle(out).manifest["metrics"]["cross_validation"]["folds"] == 2
+
+
+@pytest.mark.slow
+def test_segmenter_cross_validation(manifest, tmp_path):
+    out = tmp_path / "seg"
+    assert _train("segmenter", "--manifest", str(manifest), "--out", str(out), "--folds", "2", "--cv", *FAST) == 0
+    b = open_bundle(out)
+    assert b.role == "segmenter" and b.input["size"] == [32, 32]
+    b.model("cpu")
+    cv = json.loads((out / "cv_metrics.json").read_text())
+    ids = [set(f["val_case_ids"]) for f in cv["per_fold"]]
+    cases = {c.case_id: c.patient_id for c in read_manifest_csv(manifest)}
+    assert ids[0] | ids[1] == set(cases) and not ids[0] & ids[1]
+    assert not {cases[c] for c in ids[0]} & {cases[c] for c in ids[1]}
+    # the fold-0 Dice recomputed by the command equals the one the training measured on the same model
+    assert cv["per_fold"][0]["dice_mean_lesion_images"] == pytest.approx(
+        b.manifest["metrics"]["dice_mean_lesion_images_fp32"], abs=1e-6)
+    assert cv["summary"]["pooled_out_of_fold"]["n_images"] == N_IMAGES
+    assert "2-fold" in (out / "MODEL_CARD.md").read_text()
+
+
+@pytest.mark.slow
+def test_resume_reuses_finished_work_and_fresh_runs_clear_it(manifest, tmp_path, capsys):
+    out, work = tmp_path / "mal", tmp_path / "work"
+
+    def args(epochs: int):
+        return ["malignancy", "--manifest", str(manifest), "--out", str(out), "--work", str(work), "--backbone",
+                "resnet18", "--folds", "2", "--size", "32", "--threads", "1", "--epochs", str(epochs)]
+
+    work.mkdir()
+    (work / "checkpoint_malignancy.pt").write_bytes(b"not a checkpoint")  # a fresh run must delete it
+    assert _train(*args(1)) == 0
+    sha = open_bundle(out).manifest["weights"]["sha256"]
+    capsys.readouterr()
+    assert _train(*args(1), "--resume") == 0
+    assert "already finished" in capsys.readouterr().out
+    assert open_bundle(out).manifest["weights"]["sha256"] == sha
+    assert _train(*args(2), "--resume") == 2                   # other settings than the run in the work folder
+    err = capsys.readouterr().err.strip()
+    assert "epochs" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["segmenter", "--preset", "cpu"], "--preset applies"),
+    (["malignancy", "--folds", "2", "--val-fold", "2"], "--val-fold"),
+    (["risk", "--folds", "1"], "--folds"),
+])
+def test_bad_options_are_refused(manifest, tmp_path, capsys, args, expected):
+    out = tmp_path / "x"
+    assert _train(*args, "--manifest", str(manifest), "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("breastdlr: error: ") and expected in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_single_class_manifest_is_refused_before_training(manifest, tmp_path, capsys):
+    with open(manifest, newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames, [r for r in reader if r["label"] == "benign"]
+    one = tmp_path / "benign_only.csv"
+    with open(one, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows({**r, "image": str(Path(manifest).parent / r["image"]), "mask": str(Path(manifest).parent / r["mask"])}
+                    for r in rows)
+    out = tmp_path / "x"
+    assert _train("malignancy", "--manifest", str(one), "--out", str(out), *FAST) == 2
+    err = capsys.readouterr().err
+    assert "both classes" in err and not out.exists() and not (tmp_path / "x-work").exists()
