@@ -229,6 +229,18 @@ def load_weights(bundle: Bundle) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- writing
+def _publish(tmp: Path, folder: Path) -> None:
+    """Make the staged bundle readable by everyone (mkdtemp makes it private) and move it into place."""
+    import shutil
+
+    tmp.chmod(0o755)
+    for f in tmp.iterdir():
+        f.chmod(0o644)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
 def save_bundle(
     folder: os.PathLike,
     model: Any,
@@ -254,11 +266,7 @@ def save_bundle(
     m.setdefault("model_card", MODEL_CARD)
     (tmp / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     (tmp / MODEL_CARD).write_text(model_card, encoding="utf-8")
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    _publish(tmp, folder)
     return open_bundle(folder)
 
 
@@ -275,11 +283,7 @@ def save_head_bundle(folder: os.PathLike, head_state: Dict[str, Any], manifest: 
     m.setdefault("model_card", MODEL_CARD)
     (tmp / MANIFEST).write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
     (tmp / MODEL_CARD).write_text(model_card, encoding="utf-8")
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    _publish(tmp, folder)
     return open_bundle(folder)
 
 

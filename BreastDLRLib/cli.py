@@ -206,12 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extend(sub) -> None:
     """Sub-commands that live in their own modules (training, evaluation)."""
-    for mod in ("training.cli", "evaluation.cli"):
-        try:
-            module = __import__(f"{__package__}.{mod}", fromlist=["register"])
-        except ImportError:
-            continue
-        module.register(sub)
+    from .evaluation import cli as evaluation_cli
+    from .training import cli as training_cli
+
+    training_cli.register(sub)
+    evaluation_cli.register(sub)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

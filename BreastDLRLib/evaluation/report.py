@@ -432,7 +432,8 @@ def plot_tsne(doc: Dict[str, Any], names: Tuple[str, str], path: Path) -> None:
     fig, ax = _figure(5.5, 5.0)
     lab = np.asarray(doc["label"], dtype=bool)
     for val, name, colour in ((False, names[0], "C0"), (True, names[1], "C3")):
-        ax.scatter(doc["x"][lab == val], doc["y"][lab == val], s=12, color=colour, alpha=0.7, label=f"{name} ({int((lab == val).sum())})")
+        ax.scatter(doc["x"][lab == val], doc["y"][lab == val], s=12, color=colour, alpha=0.7,
+                   label=f"{name} ({int((lab == val).sum())})")
     ax.set(title=f"t-SNE of the embeddings (perplexity {doc['perplexity']:.0f})", xticks=[], yticks=[])
     ax.legend(fontsize=8)
     _save(fig, path)

@@ -96,8 +96,9 @@ def make_config(a: argparse.Namespace):
 
         extra = [n for n, v in (("--preset", a.preset), ("--backbone", a.backbone)) if v is not None]
         if extra:
-            raise InputError(f"{' and '.join(extra)} {'apply' if len(extra) > 1 else 'applies'} to the malignancy and risk classifiers only; the segmenter "
-                             "takes --epochs, --batch-size and --lr.")
+            verb = "apply" if len(extra) > 1 else "applies"
+            raise InputError(f"{' and '.join(extra)} {verb} to the malignancy and risk classifiers only; the "
+                             "segmenter takes --epochs, --batch-size and --lr.")
         base = SegmenterConfig()
         return SegmenterConfig(size=a.size or base.size, epochs=a.epochs or base.epochs,
                                batch_size=a.batch_size or base.batch_size, lr=a.lr or base.lr, folds=a.folds,
@@ -526,7 +527,8 @@ def adapt_card(card: str, res: Dict[str, Any], data: str, old_command: str, comm
         else:
             m, pooled = s["dice_mean_lesion_images"], s["pooled_out_of_fold"]
             lines.append(f"- Cross-validation ({s['folds']} folds): mean Dice on lesion images {_fmt(m['mean'])} +/- "
-                         f"{_fmt(m['sd'])} (mean +/- sd over folds); pooled out-of-fold {_fmt(pooled['dice_mean_lesion_images'])} "
+                         f"{_fmt(m['sd'])} (mean +/- sd over folds); pooled out-of-fold "
+                         f"{_fmt(pooled['dice_mean_lesion_images'])} "
                          f"({pooled['n_lesion_images']} images).")
         lines.append("- The weights of this bundle are the fold-0 model; the other folds' models only measure "
                      "the variability (see cv_metrics.json).")

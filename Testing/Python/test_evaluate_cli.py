@@ -99,7 +99,8 @@ def test_metrics_match_hand_counts_and_stats(files, capsys):
     assert col["brier"] == pytest.approx(float(np.mean((s - y) ** 2)))
     assert col["roc_curve"]["thresholds"][0] is None            # +inf written as null
     dc = col["decision_curve"]
-    assert len(dc["thresholds"]) == 99 and dc["thresholds"][0] == pytest.approx(0.01) and dc["thresholds"][-1] == pytest.approx(0.99)
+    assert len(dc["thresholds"]) == 99
+    assert dc["thresholds"][0] == pytest.approx(0.01) and dc["thresholds"][-1] == pytest.approx(0.99)
     k = dc["thresholds"].index(0.5)  # net benefit at 0.5 by hand: TP/n - FP/n * 1 = 3/12 - 2/12
     assert dc["model"][k] == pytest.approx(1 / 12)
     # exclusions: ghost (not in truth), c13 (normal), c14 (error), c15 (no score); c16 has no prediction

@@ -1,0 +1,1 @@
+"""Training of the segmenter, the classifiers and the clinical fusion heads; presets; model cards."""
