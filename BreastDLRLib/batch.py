@@ -60,12 +60,12 @@ def predict_manifest(manifest: str | Path, out_csv: str | Path, *, masks_out: Op
                         raise InputError(f"{case.image.name} is a volume; predict takes 2D images (use analyze).")
                     clinical = {n: case.row[n] for n in schema.names if case.row.get(n, "") != ""}
                     birads = normalise_birads(case.birads) if case.birads else None
-                    cleaned, _ = pipe._clinical(schema, clinical)
+                    cleaned, _ = pipe.parse_clinical(schema, clinical)
                     seg = pipe.segment(vol)
                     found = bool(seg.lesions)
                     lr = seg.lesions[0] if found else pipe.whole_image_lesion(vol)
                     pipe.classify_lesion(vol, lr, schema, cleaned, birads)
-                    p_mal = pipe._decision_probability(lr)
+                    p_mal = pipe.decision_probability(lr)
                     row.update(probability_malignant=_fmt(p_mal), probability_high_risk=_fmt(lr.probabilities.get("high_risk")),
                                lesion_found=str(found).lower(), n_lesions=str(len(seg.lesions)))
                     rec = lr.recommendation

@@ -112,34 +112,38 @@ def transverse_preview(volume: Volume, labels: Volume, k: int, path: Path) -> Pa
 def write_segmentation(out_dir: str | Path, result: Analysis) -> Dict[str, Any]:
     """``labels.nrrd`` (input geometry, value = lesion id), ``lesions.json``, ``preview.png`` (+ one PNG per
     lesion) and, for a 2D image, ``labels.png`` (0/255)."""
-    vol = result.volume
     with staged_output(out_dir) as stage:
-        write_volume(result.labels.with_array(result.labels.array.astype(np.uint16)), stage / "labels.nrrd")
-        if vol.is_2d:
-            write_png((result.labels.array[0] > 0).astype(np.uint8) * 255, stage / "labels.png")
-        records = []
-        axis = int(vol.metadata.get("acquisition_axis", 0))
-        for lr in result.lesions:
-            rec = lesion_record(lr, vol)
-            k = int(round(lr.lesion.centre_kji[axis]))
-            transverse_preview(vol, result.labels, k, stage / f"lesion{lr.lesion.id}_transverse.png")
-            rec["previews"] = {"transverse": f"lesion{lr.lesion.id}_transverse.png"}
-            records.append(rec)
-        k_best = int(round(result.lesions[0].lesion.centre_kji[axis])) if result.lesions else vol.shape[axis] // 2
-        transverse_preview(vol, result.labels, k_best, stage / "preview.png")
-        doc = {
-            "schema_version": SCHEMA_VERSION,
-            "software": {"name": "BreastDLR", "version": __version__},
-            "intended_use": INTENDED_USE,
-            "input": input_record(vol),
-            "models": result.models,
-            "precision": result.precision,
-            "lesions": [{k: v for k, v in r.items() if k not in ("probabilities", "frame_probabilities", "thresholds",
-                                                                  "recommendation", "heatmap")} for r in records],
-            "outputs": {"label_map": "labels.nrrd", "preview": "preview.png"},
-            "timings_s": result.timings,
-        }
-        (stage / "lesions.json").write_text(json.dumps(_clean(doc), indent=2) + "\n", encoding="utf-8")
+        return _segmentation_files(stage, result)
+
+
+def _segmentation_files(stage: Path, result: Analysis) -> Dict[str, Any]:
+    vol = result.volume
+    write_volume(result.labels.with_array(result.labels.array.astype(np.uint16)), stage / "labels.nrrd")
+    if vol.is_2d:
+        write_png((result.labels.array[0] > 0).astype(np.uint8) * 255, stage / "labels.png")
+    records = []
+    axis = int(vol.metadata.get("acquisition_axis", 0))
+    for lr in result.lesions:
+        rec = lesion_record(lr, vol)
+        k = int(round(lr.lesion.centre_kji[axis]))
+        transverse_preview(vol, result.labels, k, stage / f"lesion{lr.lesion.id}_transverse.png")
+        rec["previews"] = {"transverse": f"lesion{lr.lesion.id}_transverse.png"}
+        records.append(rec)
+    k_best = int(round(result.lesions[0].lesion.centre_kji[axis])) if result.lesions else vol.shape[axis] // 2
+    transverse_preview(vol, result.labels, k_best, stage / "preview.png")
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "software": {"name": "BreastDLR", "version": __version__},
+        "intended_use": INTENDED_USE,
+        "input": input_record(vol),
+        "models": result.models,
+        "precision": result.precision,
+        "lesions": [{k: v for k, v in r.items() if k not in ("probabilities", "frame_probabilities", "thresholds",
+                                                              "recommendation", "heatmap")} for r in records],
+        "outputs": {"label_map": "labels.nrrd", "preview": "preview.png"},
+        "timings_s": result.timings,
+    }
+    (stage / "lesions.json").write_text(json.dumps(_clean(doc), indent=2) + "\n", encoding="utf-8")
     return doc
 
 
@@ -149,8 +153,8 @@ def write_analysis(out_dir: str | Path, result: Analysis, report: bool = True) -
     from .explain import overlay_png
 
     vol = result.volume
-    seg_doc = write_segmentation(out_dir, result)
     with staged_output(out_dir) as stage:
+        seg_doc = _segmentation_files(stage, result)
         records = []
         for lr, seg_rec in zip(result.lesions, seg_doc["lesions"]):
             rec = lesion_record(lr, vol)
@@ -190,7 +194,7 @@ def write_analysis(out_dir: str | Path, result: Analysis, report: bool = True) -
         if report:
             from .report import write_report
 
-            write_report(stage / "report.html", findings, stage, extra_dir=Path(out_dir))
+            write_report(stage / "report.html", findings, stage)
     return findings
 
 

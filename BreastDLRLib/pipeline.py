@@ -138,7 +138,7 @@ class Pipeline:
 
         birads_n = normalise_birads(birads) if birads else None
         schema = self.clinical_schema()
-        cleaned, notes = self._clinical(schema, clinical or {})
+        cleaned, notes = self.parse_clinical(schema, clinical or {})
         result = self.segment(volume, progress=lambda s, f, m="": progress("segment", 0.6 * f, m), cancel=cancel)
         result.clinical, result.clinical_notes, result.birads = cleaned, notes, birads_n
         heat = np.zeros(volume.shape, dtype=np.float32) if explain else None
@@ -158,7 +158,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _clinical(schema, values: Mapping[str, Any]):
+    def parse_clinical(schema, values: Mapping[str, Any]):
+        """Checked clinical values {name: value|None} and the notes on missing ones."""
         if not schema.variables:
             if values:
                 raise ClinicalInputError(
@@ -171,7 +172,8 @@ class Pipeline:
         return cleaned, notes
 
     @staticmethod
-    def _decision_probability(lr: LesionResult) -> Optional[float]:
+    def decision_probability(lr: LesionResult) -> Optional[float]:
+        """The probability the 4A rule uses: the clinical fusion model's when present, else the image model's."""
         p = lr.probabilities
         for key in ("malignancy_fused", "malignancy"):
             if p.get(key) is not None:
@@ -201,7 +203,7 @@ class Pipeline:
         timing = timing if timing is not None else {"crops": 0.0, "classify": 0.0, "explain": 0.0}
         self._classify(volume, lr, schema, cleaned or {}, heat, timing)
         lr.recommendation = recommend(
-            birads, lr.probabilities.get("high_risk"), self._decision_probability(lr),
+            birads, lr.probabilities.get("high_risk"), self.decision_probability(lr),
             risk_threshold=lr.thresholds.get("high_risk", 0.5),
             malignancy_threshold=lr.thresholds.get("malignancy", 0.5),
         )

@@ -1,0 +1,45 @@
+"""Small units of training: multi-task split, patient folds, Dice."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from BreastDLRLib.networks.classifiers import build_classifier
+from BreastDLRLib.training.classifier import predict_probs, task_model
+from BreastDLRLib.training.data import Case, patient_folds
+from BreastDLRLib.training.segmenter import dice_scores
+
+
+def test_task_model_reproduces_its_pair_of_logits():
+    torch.manual_seed(0)
+    multi = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=8, num_classes=4).eval()
+    x = (np.random.default_rng(0).random((3, 32, 32)) * 255).astype(np.uint8)
+    both = predict_probs(multi, x, bf16=False)
+    assert both.shape == (3, 2)
+    for t in range(2):
+        single = task_model(multi, t)
+        np.testing.assert_allclose(predict_probs(single, x, bf16=False)[:, 0], both[:, t], atol=1e-6)
+
+
+def test_patient_folds_never_split_a_patient_and_are_balanced():
+    cases = [Case(f"c{i}", f"p{i // 2}", "ds" + str((i // 2) % 3), None, None, ["benign", "malignant"][i % 4 < 2], "")
+             for i in range(200)]
+    folds = patient_folds(cases, k=5, seed=1)
+    by_patient = {}
+    for c, f in zip(cases, folds):
+        by_patient.setdefault(c.patient_id, set()).add(int(f))
+    assert all(len(s) == 1 for s in by_patient.values())
+    counts = np.bincount(folds, minlength=5)
+    assert counts.min() >= 30 and counts.max() <= 50
+    mal = np.array([c.label == "malignant" for c in cases])
+    assert all(0.35 < mal[folds == f].mean() < 0.65 for f in range(5))  # half the patients are malignant
+    assert (patient_folds(cases, k=5, seed=1) == folds).all()
+
+
+def test_dice_by_hand():
+    a = np.zeros((3, 4, 4), bool)
+    b = np.zeros((3, 4, 4), bool)
+    a[0, :2, :2] = True
+    b[0, :2, :] = True          # 4 vs 8 pixels, overlap 4 → 8/12
+    a[1, 0, 0] = True           # prediction only → 0
+    np.testing.assert_allclose(dice_scores(a, b), [8 / 12, 0.0, 1.0])
