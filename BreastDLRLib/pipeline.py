@@ -184,7 +184,8 @@ class Pipeline:
         inp = bundle.input
         size = inp.get("size", 224)
         return {"size": int(size[0] if isinstance(size, (list, tuple)) else size),
-                "margin": float(inp.get("margin", 0.3)), "n_frames": int(inp.get("frames", 1))}
+                "margin": float(inp.get("margin", 0.3)), "n_frames": int(inp.get("frames", 1)),
+                "margin_of": str(inp.get("margin_of", "shorter"))}
 
     def whole_image_lesion(self, volume: Volume) -> LesionResult:
         """A pseudo-lesion covering the whole image, for classifying an image whose lesion was not found."""
@@ -228,7 +229,7 @@ class Pipeline:
             arch = b.manifest["architecture"]
             planes = ("transverse", "sagittal", "coronal") if arch == "ThreePlaneFusion" else ("transverse",)
             crops = crop_planes(volume, les.bbox_kji, les.centre_kji, size=spec["size"], margin=spec["margin"],
-                                n_frames=spec["n_frames"], mask=les.mask, planes=planes)
+                                margin_of=spec["margin_of"], n_frames=spec["n_frames"], mask=les.mask, planes=planes)
             if key == "malignancy":
                 lr.crops = crops
             timing["crops"] += time.perf_counter() - t

@@ -14,9 +14,11 @@ Crop geometry (per plane, per frame):
 * the plane passes through the lesion centre: the fixed index is ``floor(centre_kji[fixed] + 0.5)`` (plus the
   frame offset), so every crop samples an acquired grid plane, never a blend of two;
 * the crop is a square in mm centred on the centre of the lesion's bounding box in that plane; with
-  ``L`` = the longer in-plane side of the bounding box in mm (voxel edges: ``(hi - lo) * spacing``), its
-  side is ``S = max(L * (1 + 2 * margin), min_side_mm)``, so there are at least ``margin * L`` mm of
-  context on each side of the box along its longer side, and more along its shorter side;
+  ``L`` and ``l`` = the longer and shorter in-plane sides of the bounding box in mm (voxel edges:
+  ``(hi - lo) * spacing``), its side is ``S = max(L + 2 * margin * R, min_side_mm)`` where ``R = l``
+  (``margin_of="shorter"``, the default: the margin is 30 % of the box's shorter side, as the issue and the
+  papers state) or ``R = L`` (``margin_of="longer"``: more context around flat lesions); a model's manifest
+  says which one it was trained with (``input.margin_of``);
 * the square is cut into ``size × size`` square pixels of ``S / size`` mm; pixel ``(r, c)`` is the
   centre of its cell, so the first and last pixel centres are ``S * (size - 1) / size`` mm apart;
 * all values come from one bilinear sampling of the grid (``scipy.ndimage.map_coordinates``, order 1;
@@ -191,6 +193,7 @@ def crop_planes(
     centre_kji: Sequence[float],
     size: int = 224,
     margin: float = 0.3,
+    margin_of: str = "shorter",
     n_frames: int = 1,
     frame_step: int = 1,
     planes: Optional[Sequence[str]] = None,
@@ -208,6 +211,8 @@ def crop_planes(
         raise ValueError("size must be at least 2")
     if margin < 0:
         raise ValueError("margin must be >= 0")
+    if margin_of not in ("shorter", "longer"):
+        raise ValueError(f"margin_of must be 'shorter' or 'longer', got {margin_of!r}")
     shape = volume.shape
     bbox = _check_bbox(bbox_kji, shape)
     centre = np.asarray(centre_kji, dtype=float).reshape(3)
@@ -224,7 +229,8 @@ def crop_planes(
     for name in wanted:
         f, ra, ca = axes[name]
         ext_mm = np.array([(bbox[ra, 1] - bbox[ra, 0]) * spacing[ra], (bbox[ca, 1] - bbox[ca, 0]) * spacing[ca]])
-        side = max(float(ext_mm.max()) * (1.0 + 2.0 * margin), float(min_side_mm))
+        ref = float(ext_mm.min() if margin_of == "shorter" else ext_mm.max())
+        side = max(float(ext_mm.max()) + 2.0 * margin * ref, float(min_side_mm))
         h = side / size  # mm per output pixel
         # continuous centre of the bounding box (voxel centres lo .. hi-1)
         mid = np.array([(bbox[ra, 0] + bbox[ra, 1] - 1) / 2.0, (bbox[ca, 0] + bbox[ca, 1] - 1) / 2.0])

@@ -85,8 +85,9 @@ def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path)
         "name": name, "version": __version__, "role": role, "default": True,
         "task": task_text, "architecture": "EmbeddingNet", "arguments": res["arguments"],
         "input": {"size": [cfg["size"], cfg["size"]], "channels": 3, "normalisation": "minmax",
-                  "planes": ["transverse"], "margin": cfg["margin"], "frames": 1,
-                  "crop": "square around the lesion's bounding box, margin x its longer side on each side, isotropic"},
+                  "planes": ["transverse"], "margin": cfg["margin"], "margin_of": cfg.get("margin_of", "longer"),
+                  "frames": 1,
+                  "crop": f"square around the lesion's bounding box, margin x its {cfg.get('margin_of', 'longer')} side on each side, isotropic"},
         "labels": labels, "thresholds": {"probability": 0.5},
         "clinical_variables": [],
         "provenance": {"data": DATA_CITATION, "manifest": Path(manifest_path).name, "n_train_crops": res["n_train"],
@@ -104,7 +105,7 @@ def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path)
 
 **What it is.** EmbeddingNet (Lu et al. 2025): a ResNet50 trunk (torchvision, `weights=None`, trained from scratch, no
 ImageNet weights) whose classifier is fc → 128 (the image embedding) → 2. Input: the transverse crop cut by
-`BreastDLRLib.planes.crop_planes` around the lesion's bounding box (margin {cfg['margin']} of its longer side on each side),
+`BreastDLRLib.planes.crop_planes` around the lesion's bounding box (margin {cfg['margin']} of its {cfg.get('margin_of', 'longer')} side on each side),
 isotropic, {cfg['size']}x{cfg['size']} pixels (smaller than the papers' 224 so that it trains on a 2-core CPU), min-max normalised.
 Training: preset `{cfg['preset']}`, class-balanced cross-entropy, MONAI augmentation (flip, affine, gamma, gain),
 bf16 autocast, best validation AUC kept. Weights stored in float16.

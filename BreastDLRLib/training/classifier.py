@@ -37,6 +37,7 @@ class ClassifierConfig:
     backbone: str = "resnet50"
     size: int = 128
     margin: float = 0.3
+    margin_of: str = "longer"           # the shipped 2D models were trained this way (see planes.crop_planes)
     preset: str = "cpu"
     epochs: int = 0                     # 0: the preset's
     batch_size: int = 0
@@ -68,7 +69,7 @@ def label_of(case: Case, task: str) -> Optional[int]:
     return case.malignant if task == "malignancy" else case.high_risk
 
 
-def lesion_crop(case: Case, size: int, margin: float) -> Optional[np.ndarray]:
+def lesion_crop(case: Case, size: int, margin: float, margin_of: str = "longer") -> Optional[np.ndarray]:
     """The transverse crop (size², float32 in [0, 1]) around the largest ground-truth lesion, or None."""
     from ..io import read_mask, read_volume
     from ..lesions import lesions_from_labels
@@ -88,11 +89,13 @@ def lesion_crop(case: Case, size: int, margin: float) -> Optional[np.ndarray]:
         sizes = np.bincount(lab.ravel())[1:]
         lab = (lab == 1 + int(np.argmax(sizes))).astype(np.uint8)
     (les,) = lesions_from_labels(vol.with_array(lab.astype(np.uint8)))
-    crops = crop_planes(vol, les.bbox_kji, les.centre_kji, size=size, margin=margin, planes=("transverse",))
+    crops = crop_planes(vol, les.bbox_kji, les.centre_kji, size=size, margin=margin, margin_of=margin_of,
+                        planes=("transverse",))
     return crops["transverse"][0].image.astype(np.float32)
 
 
-def build_crops(cases: List[Case], task: str, size: int, margin: float, cache: Optional[Path] = None,
+def build_crops(cases: List[Case], task: str, size: int, margin: float, margin_of: str = "longer",
+                cache: Optional[Path] = None,
                 log: Callable[[str], None] = print) -> Tuple[np.ndarray, np.ndarray, List[Case]]:
     """Crops and labels of every usable case (cached as .npz of arrays: no pickle)."""
     if cache is not None and cache.is_file():
@@ -109,7 +112,7 @@ def build_crops(cases: List[Case], task: str, size: int, margin: float, cache: O
         y = [label_of(c, t) for t in tasks_of(task)]
         if all(v is None for v in y):
             continue
-        crop = lesion_crop(c, size, margin)
+        crop = lesion_crop(c, size, margin, margin_of)
         if crop is None:
             continue
         xs.append((crop * 255).astype(np.uint8))
@@ -186,7 +189,8 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
     cases = [c for c in read_manifest_csv(manifest) if any(label_of(c, t) is not None for t in tasks)]
     if cfg.max_cases:  # an evenly spread subset (manifests are often sorted by label)
         cases = cases[:: max(1, len(cases) // cfg.max_cases)][: cfg.max_cases]
-    x, y, cases = build_crops(cases, cfg.task, cfg.size, cfg.margin, cache=work / f"crops_{cfg.task}_{cfg.size}.npz", log=log)
+    x, y, cases = build_crops(cases, cfg.task, cfg.size, cfg.margin, cfg.margin_of,
+                              cache=work / f"crops_{cfg.task}_{cfg.size}_{cfg.margin_of}.npz", log=log)
     folds = patient_folds(cases, cfg.folds, cfg.seed, stratify="label" if "malignancy" in tasks else "birads")
     tr, va = np.where(folds != cfg.val_fold)[0], np.where(folds == cfg.val_fold)[0]
     assert not ({cases[i].patient_id for i in tr} & {cases[i].patient_id for i in va}), "patient on both sides"

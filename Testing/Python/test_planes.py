@@ -42,20 +42,23 @@ def test_plane_axes_abvs_convention():
         assert plane_axes(a)["transverse"][0] == a
 
 
-def test_crop_geometry_anisotropic(blob):
+@pytest.mark.parametrize("margin_of", ["shorter", "longer"])
+def test_crop_geometry_anisotropic(blob, margin_of):
     vol, mask, centre = blob
     bbox = _bbox(mask)
     assert bbox == [(12, 29), (28, 53), (25, 56)]  # symmetric about the centre by construction
     ext = np.array([17 * 0.5, 25 * 0.2, 31 * 0.2])  # bbox extent in mm along k, j, i (voxel edges)
     size, margin = 224, 0.3
-    crops = crop_planes(vol, bbox, centre, size=size, margin=margin)
+    crops = crop_planes(vol, bbox, centre, size=size, margin=margin, margin_of=margin_of)
     assert set(crops) == set(PLANES)
     for name, (f, ra, ca) in plane_axes(0).items():
         (crop,) = crops[name]
         assert crop.image.shape == (size, size) and crop.image.dtype == np.float32
         assert crop.image.min() >= 0.0 and crop.image.max() == pytest.approx(1.0)
         assert crop.valid_fraction == 1.0
-        side = (1 + 2 * margin) * max(ext[ra], ext[ca])
+        longer, shorter = max(ext[ra], ext[ca]), min(ext[ra], ext[ca])
+        # the square: the box's longer side plus a margin of 30 % of its shorter (default) or longer side each way
+        side = longer + 2 * margin * (shorter if margin_of == "shorter" else longer)
         # square isotropic pixels of side/size mm, first-to-last pixel distance = side*(size-1)/size
         p00, pr, pc = crop.crop_to_array_index(0, 0), crop.crop_to_array_index(size - 1, 0), crop.crop_to_array_index(0, size - 1)
         d_row = np.linalg.norm((pr - p00) * SP_KJI)
