@@ -83,12 +83,12 @@ def test_crop_geometry_anisotropic(blob, margin_of):
         # mask extent (voxel edges) vs bilinear edge at 0.5: within about one voxel
         assert abs(n_rows * h - ext[ra]) <= SP_KJI[ra] + 2 * h
         assert abs(n_cols * h - ext[ca]) <= SP_KJI[ca] + 2 * h
-        # the bbox (voxel edges) lies inside the crop with >= margin * longer side on each side
+        # the bbox (voxel edges) lies inside the crop with >= margin * reference side on each side
         lo_r, _ = crop.array_index_to_crop(np.where(np.arange(3) == ra, bbox[ra][0] - 0.5, 0.0))
         hi_r, _ = crop.array_index_to_crop(np.where(np.arange(3) == ra, bbox[ra][1] - 0.5, 0.0))
         _, lo_c = crop.array_index_to_crop(np.where(np.arange(3) == ca, bbox[ca][0] - 0.5, 0.0))
         _, hi_c = crop.array_index_to_crop(np.where(np.arange(3) == ca, bbox[ca][1] - 0.5, 0.0))
-        m_px = margin * max(ext[ra], ext[ca]) / h
+        m_px = margin * (shorter if margin_of == "shorter" else longer) / h
         assert lo_r + 0.5 >= m_px - 1e-6 and (size - 0.5) - hi_r >= m_px - 1e-6
         assert lo_c + 0.5 >= m_px - 1e-6 and (size - 0.5) - hi_c >= m_px - 1e-6
 
