@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from BreastDLRLib.training.options import add_config_arguments, config_from_arguments  # noqa: E402
 
 from BreastDLRLib.bundles import save_bundle  # noqa: E402
 from BreastDLRLib.training.cards import classifier_manifest_and_card  # noqa: E402
@@ -26,12 +27,9 @@ def main() -> None:
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default=None)
-    for f in fields(ClassifierConfig):
-        kind = {"bool": lambda v: v.lower() in ("1", "true", "yes"), "int": int, "float": float, "str": str,
-                "Optional[int]": int, "Optional[float]": float}[str(f.type)]
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+    add_config_arguments(ap, ClassifierConfig)
     a = ap.parse_args()
-    cfg = ClassifierConfig(**{f.name: getattr(a, f.name) for f in fields(ClassifierConfig)})
+    cfg = config_from_arguments(a, ClassifierConfig)
     work = a.work or str(Path(a.out).with_name(Path(a.out).name + "-work"))
     res = train_classifier(a.manifest, cfg, work, log=lambda m: print(m, flush=True))
     import numpy as np

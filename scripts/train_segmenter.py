@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from BreastDLRLib.training.options import add_config_arguments, config_from_arguments  # noqa: E402
 
 from BreastDLRLib.training.segmenter import SegmenterConfig, train_segmenter  # noqa: E402
 from BreastDLRLib.training.cards import segmenter_manifest_and_card  # noqa: E402
@@ -22,12 +23,9 @@ def main() -> None:
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default=None)
-    for f in fields(SegmenterConfig):
-        kind = {"bool": lambda v: v.lower() in ("1", "true", "yes"), "int": int, "float": float,
-                "Optional[int]": int, "Optional[float]": float}[str(f.type)]
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+    add_config_arguments(ap, SegmenterConfig)
     a = ap.parse_args()
-    cfg = SegmenterConfig(**{f.name: getattr(a, f.name) for f in fields(SegmenterConfig)})
+    cfg = config_from_arguments(a, SegmenterConfig)
     res = train_segmenter(a.manifest, a.out, cfg, work_dir=a.work, log=lambda m: print(m, flush=True))
     manifest, card = segmenter_manifest_and_card(res, a.manifest)
     from BreastDLRLib.bundles import save_bundle
