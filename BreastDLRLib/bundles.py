@@ -334,7 +334,8 @@ def default_bundle(role: str, extra_dirs: Iterable[os.PathLike] = ()) -> Bundle:
     cands = [b for b in list_bundles(extra_dirs) if b["role"] == role]
     if not cands:
         raise ModelBundleError(
-            f"No {role} model is installed. Reinstall BreastDLR (its models live in Resources/Models) or pass --model."
+            f"No {role} model is installed (BreastDLR looks in Resources/Models and in $BREASTDLR_MODELS); reinstall "
+            "BreastDLR or give a model bundle (--model on the command line, 'Import model…' in Slicer)."
         )
     cands.sort(key=lambda b: (not b["default"],))
     return open_bundle(cands[0]["path"])

@@ -61,7 +61,8 @@ class Pipeline:
     def __init__(self, bundles: Mapping[str, Bundle], device: str = "auto", bf16: Optional[bool] = None,
                  batch_size: int = 16):
         if "segmenter" not in bundles:
-            raise ModelBundleError("No lesion segmenter model was given or installed; reinstall BreastDLR or pass --model.")
+            raise ModelBundleError("No lesion segmenter model was given or installed; reinstall BreastDLR or give a "
+                                   "segmenter bundle (--model on the command line, 'Import model…' in Slicer).")
         self.bundles = dict(bundles)
         self.device = resolve_device(device)
         self.bf16 = bf16
