@@ -8,8 +8,10 @@ bash scripts/setup.sh requirements.txt
 manifest="${1:-../shared/data/breast-us/manifest.csv}"
 work="${WORK:-runs}"
 py=.venv/bin/python
+# two trainings side by side, one thread each: more threads than cores makes OpenMP spin and runs 5-10x slower
+export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 $py scripts/train_segmenter.py --manifest "$manifest" --out Resources/Models/breastdlr-segmenter-2d \
-    --work "$work/segmenter" --size 128 --batch-size 16 --lr 0.002 --epochs 16 --patience 5 --threads 2 &
+    --work "$work/segmenter" --size 128 --batch-size 16 --lr 0.002 --epochs 14 --patience 5 --threads 1 &
 $py scripts/train_classifier.py --manifest "$manifest" --task both --out Resources/Models \
     --work "$work/classifiers" --size 128 --epochs 14 --patience 5 --threads 1
 wait

@@ -150,6 +150,10 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+            step = s // cfg.batch_size + 1
+            if step % 25 == 0:
+                log(f"[train] epoch {epoch + 1} step {step}/{steps_per_epoch} loss {np.mean(losses[-25:]):.3f} "
+                    f"({(time.time() - te) / step:.1f} s/step)")
         pred = predict_masks(model, xva, cfg.size, cfg.bf16)
         d = dice_scores(pred, yva)
         lesion = yva.reshape(len(yva), -1).any(1)
