@@ -43,3 +43,18 @@ def test_dice_by_hand():
     b[0, :2, :] = True          # 4 vs 8 pixels, overlap 4 → 8/12
     a[1, 0, 0] = True           # prediction only → 0
     np.testing.assert_allclose(dice_scores(a, b), [8 / 12, 0.0, 1.0])
+
+
+def test_three_plane_branches_start_from_the_2d_trunk():
+    from BreastDLRLib.training.abvs import init_from_2d
+
+    torch.manual_seed(0)
+    two_d = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=8)
+    three = build_classifier("ThreePlaneFusion", backbone="resnet18")
+    n = init_from_2d(three, two_d.state_dict())
+    assert n == 3 * len([k for k in two_d.state_dict() if k.startswith("trunk.")])
+    x = torch.rand(2, 3, 32, 32)
+    two_d.eval(), three.eval()
+    with torch.no_grad():
+        for plane in three.planes:
+            torch.testing.assert_close(three.trunks[plane](x), two_d.trunk(x))
