@@ -27,14 +27,11 @@ img{image-rendering:auto;border:1px solid #ddd;max-width:260px}
 """
 
 
-def _img(folder: Path, name: Optional[str], extra_dir: Optional[Path]) -> str:
-    if not name:
+def _img(folder: Path, name: Optional[str]) -> str:
+    if not name or not (folder / name).is_file():
         return ""
-    for d in (folder, extra_dir):
-        if d is not None and (d / name).is_file():
-            data = base64.b64encode((d / name).read_bytes()).decode("ascii")
-            return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
-    return ""
+    data = base64.b64encode((folder / name).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
 
 
 def _fmt(v: Any, nd: int = 1) -> str:
@@ -52,7 +49,7 @@ def _bar(p: Optional[float], t: Optional[float]) -> str:
     return f'<span class="bar"><span style="width:{100 * p:.0f}%"></span>{tick}</span> {p:.2f}'
 
 
-def render(findings: Dict[str, Any], folder: Path, extra_dir: Optional[Path] = None) -> str:
+def render(findings: Dict[str, Any], folder: Path) -> str:
     inp = findings["input"]
     units = "mm"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>BreastDLR report</title><style>{CSS}</style></head><body>",
@@ -74,7 +71,7 @@ def render(findings: Dict[str, Any], folder: Path, extra_dir: Optional[Path] = N
                      "Give the spacing (--spacing) for sizes in millimetres.</div>")
     overview = findings["outputs"].get("preview")
     if overview:
-        parts.append(f"<h2>Overview</h2>{_img(folder, overview, extra_dir)}")
+        parts.append(f"<h2>Overview</h2>{_img(folder, overview)}")
     if not findings["lesions"]:
         parts.append("<h2>No lesion found</h2><p>The segmenter found no lesion above its threshold. "
                      "This does not exclude disease.</p>")
@@ -90,11 +87,11 @@ def render(findings: Dict[str, Any], folder: Path, extra_dir: Optional[Path] = N
         prev = les.get("previews", {})
         for plane in PLANES:
             for kind, cap in (("crop", ""), ("gradcam", " Grad-CAM")):
-                im = _img(folder, prev.get(f"{plane}_{kind}"), extra_dir)
+                im = _img(folder, prev.get(f"{plane}_{kind}"))
                 if im:
                     figs.append(f"<figure>{im}<figcaption>{plane}{cap}</figcaption></figure>")
         if not figs and prev.get("transverse"):
-            figs.append(f"<figure>{_img(folder, prev['transverse'], extra_dir)}<figcaption>transverse</figcaption></figure>")
+            figs.append(f"<figure>{_img(folder, prev['transverse'])}<figcaption>transverse</figcaption></figure>")
         missing = [pl for pl in PLANES if f"{pl}_crop" not in prev]
         parts.append("<div class='planes'>" + "".join(figs) + "</div>")
         if inp["is_2d"] and missing:
@@ -122,7 +119,7 @@ def render(findings: Dict[str, Any], folder: Path, extra_dir: Optional[Path] = N
     return "\n".join(parts)
 
 
-def write_report(path: Path, findings: Dict[str, Any], folder: Path, extra_dir: Optional[Path] = None) -> Path:
+def write_report(path: Path, findings: Dict[str, Any], folder: Path) -> Path:
     path = Path(path)
-    path.write_text(render(findings, folder, extra_dir), encoding="utf-8")
+    path.write_text(render(findings, folder), encoding="utf-8")
     return path
