@@ -79,7 +79,9 @@ TASKS = {
 def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path) -> Tuple[Dict[str, Any], str]:
     cfg, m = res["config"], res["metrics"]
     name, role, task_text, labels = TASKS[cfg["task"]]
-    cmd = (f"python scripts/train_classifier.py --manifest <breast-us>/manifest.csv --task {cfg['task']} "
+    joint = m.get("multitask")
+    cmd = ("python scripts/train_classifier.py --manifest <breast-us>/manifest.csv --task both --out Resources/Models"
+           if joint else f"python scripts/train_classifier.py --manifest <breast-us>/manifest.csv --task {cfg['task']} "
            f"--out Resources/Models/{name}")
     manifest = {
         "name": name, "version": __version__, "role": role, "default": True,
@@ -107,7 +109,7 @@ def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path)
 ImageNet weights) whose classifier is fc → 128 (the image embedding) → 2. Input: the transverse crop cut by
 `BreastDLRLib.planes.crop_planes` around the lesion's bounding box (margin {cfg['margin']} of its {cfg.get('margin_of', 'longer')} side on each side),
 isotropic, {cfg['size']}x{cfg['size']} pixels (smaller than the papers' 224 so that it trains on a 2-core CPU), min-max normalised.
-Training: preset `{cfg['preset']}`, class-balanced cross-entropy, MONAI augmentation (flip, affine, gamma, gain),
+{"Trained jointly with the " + " and ".join(joint) + " heads on one shared trunk and embedding (two outputs per task), " if joint else ""}Training: preset `{cfg['preset']}`, class-balanced cross-entropy, MONAI augmentation (flip, affine, gamma, gain),
 bf16 autocast, best validation AUC kept. Weights stored in float16.
 
 **Data.** {res['n_train']} training crops from {DATA_CITATION}. Patient-level split: one fold of a
