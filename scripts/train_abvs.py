@@ -36,7 +36,8 @@ def main() -> None:
     manifest = {
         "name": "breastdlr-abvs-threeplane", "version": __version__, "role": "abvs-malignancy", "default": True,
         "task": "benign vs malignant from transverse, sagittal and coronal planes of an ABVS volume",
-        "architecture": "ThreePlaneFusion", "arguments": {"backbone": cfg.backbone, "num_classes": 2, "dropout": 0.5},
+        "architecture": "ThreePlaneFusion", "arguments": {"backbone": cfg.backbone, "num_classes": 2, "dropout": 0.5,
+                                                       "shared_trunk": cfg.shared_trunk},
         "input": {"size": [cfg.size, cfg.size], "channels": 3, "normalisation": "minmax",
                   "planes": ["transverse", "sagittal", "coronal"], "margin": cfg.margin, "margin_of": cfg.margin_of,
                   "frames": cfg.frames},
@@ -49,7 +50,8 @@ def main() -> None:
 
 **Intended use.** {INTENDED_USE} This model has never seen a real breast volume.
 
-**What it is.** ThreePlaneFusion (Liu et al. 2025): one {cfg.backbone} branch per plane (transverse, sagittal, coronal);
+**What it is.** ThreePlaneFusion (Liu et al. 2025): a {cfg.backbone} branch per plane (transverse, sagittal, coronal){
+"; the three branches share one set of trunk weights (Liu et al. train three separate trunks; sharing keeps the bundle at a third of the size, and `shared_trunk=False` gives the paper's form)" if cfg.shared_trunk else ""};
 transverse and sagittal features added, the sum concatenated with the coronal features, a fully connected layer halving
 the fused width, two outputs; per-frame probabilities ({cfg.frames} frames around the lesion centre) averaged per lesion.
 Every branch was initialised from the 2D malignancy model `{init.name}` (trained on real 2D breast ultrasound), the transfer

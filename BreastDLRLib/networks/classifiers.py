@@ -104,6 +104,7 @@ class ThreePlaneFusion(nn.Module):
         planes: Sequence[str] = PLANES,
         dropout: float = 0.5,
         in_channels: int = 3,
+        shared_trunk: bool = False,
     ) -> None:
         super().__init__()
         planes = tuple(str(p) for p in planes)
@@ -113,8 +114,11 @@ class ThreePlaneFusion(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.backbone, self.num_classes, self.planes = backbone, int(num_classes), planes
         self.dropout_p, self.in_channels = float(dropout), int(in_channels)
-        self.trunks = nn.ModuleDict({p: ResNetTrunk(backbone, in_channels) for p in planes})
-        width = self.trunks[planes[0]].out_features
+        # shared_trunk: one trunk (weights shared by the three planes, a third of the size) instead of one each
+        self.shared_trunk = bool(shared_trunk)
+        names = ("shared",) if self.shared_trunk else planes
+        self.trunks = nn.ModuleDict({p: ResNetTrunk(backbone, in_channels) for p in names})
+        width = self.trunk_for(planes[0]).out_features
         self.feature_width = width
         self.reduce = nn.Linear(2 * width, width)
         self.dropout = nn.Dropout(self.dropout_p)
@@ -168,7 +172,7 @@ class ThreePlaneFusion(nn.Module):
         for n, plane in enumerate(self.planes):
             keep = present[:, n]
             if plane in given and bool(keep.any()):
-                f = self.trunks[plane](given[plane])
+                f = self.trunk_for(plane)(given[plane])
                 feats[plane] = f * keep.to(f.dtype).unsqueeze(1)
             else:
                 feats[plane] = torch.zeros(ref.shape[0], self.feature_width, dtype=ref.dtype, device=ref.device)
@@ -191,7 +195,11 @@ class ThreePlaneFusion(nn.Module):
 
     def feature_layers(self) -> Dict[str, nn.Module]:
         """plane → last convolutional block of its trunk (Grad-CAM target)."""
-        return {p: self.trunks[p].last_conv_block() for p in self.planes}
+        return {p: self.trunk_for(p).last_conv_block() for p in self.planes}
+
+    def trunk_for(self, plane: str) -> nn.Module:
+        """The ResNet trunk that encodes ``plane``."""
+        return self.trunks["shared" if self.shared_trunk else plane]
 
     def config(self) -> Dict[str, Any]:
         """``{"architecture", "arguments"}`` for a bundle manifest; :func:`build_classifier` inverts it."""
@@ -203,6 +211,7 @@ class ThreePlaneFusion(nn.Module):
                 "planes": list(self.planes),
                 "dropout": self.dropout_p,
                 "in_channels": self.in_channels,
+                "shared_trunk": self.shared_trunk,
             },
         }
 

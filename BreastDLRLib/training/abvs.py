@@ -38,6 +38,7 @@ class AbvsConfig:
     seed: int = 0
     val_fraction: float = 0.2
     backbone: str = "resnet50"
+    shared_trunk: bool = True     # one trunk for the three planes: a third of the weights to ship (see the card)
 
 
 def lesion_crops(cfg: AbvsConfig, log: Callable[[str], None] = print) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -66,8 +67,8 @@ def init_from_2d(model, state_2d: Dict[str, torch.Tensor]) -> int:
     """Copy the 2D EmbeddingNet's trunk into every plane's trunk; returns the number of tensors copied."""
     trunk = {k[len("trunk."):]: v for k, v in state_2d.items() if k.startswith("trunk.")}
     n = 0
-    for plane in model.planes:
-        missing, unexpected = model.trunks[plane].load_state_dict({k: v.float() for k, v in trunk.items()}, strict=True)
+    for module in model.trunks.values():
+        module.load_state_dict({k: v.float() for k, v in trunk.items()}, strict=True)
         n += len(trunk)
     return n
 
@@ -103,7 +104,8 @@ def train_abvs(cfg: AbvsConfig, state_2d: Dict[str, torch.Tensor], log: Callable
     va = np.array([i for i in range(len(y)) if g[i] in val_vols])
     tr = np.array([i for i in range(len(y)) if g[i] not in val_vols])
     log(f"[abvs] {len(tr)} training and {len(va)} validation lesions; malignant {y.mean():.2f}")
-    model = build_classifier("ThreePlaneFusion", backbone=cfg.backbone, num_classes=2, dropout=0.5)
+    model = build_classifier("ThreePlaneFusion", backbone=cfg.backbone, num_classes=2, dropout=0.5,
+                             shared_trunk=cfg.shared_trunk)
     copied = init_from_2d(model, state_2d)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=1e-4)

@@ -58,3 +58,21 @@ def test_three_plane_branches_start_from_the_2d_trunk():
     with torch.no_grad():
         for plane in three.planes:
             torch.testing.assert_close(three.trunks[plane](x), two_d.trunk(x))
+
+
+def test_shared_trunk_three_plane_model_is_one_trunk():
+    torch.manual_seed(0)
+    shared = build_classifier("ThreePlaneFusion", backbone="resnet18", shared_trunk=True).eval()
+    separate = build_classifier("ThreePlaneFusion", backbone="resnet18").eval()
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    trunk = sum(p.numel() for p in shared.trunks["shared"].parameters())
+    assert n(separate) - n(shared) == 2 * trunk
+    assert all(shared.trunk_for(p) is shared.trunks["shared"] for p in shared.planes)
+    x = {p: torch.rand(1, 3, 32, 32) for p in shared.planes}
+    feats = shared.plane_features(x)
+    for p in shared.planes:
+        torch.testing.assert_close(feats[p], shared.trunks["shared"](x[p]))
+    rebuilt = build_classifier("ThreePlaneFusion", **shared.config()["arguments"])
+    rebuilt.load_state_dict(shared.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), shared(x))
