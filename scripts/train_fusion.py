@@ -86,6 +86,8 @@ missing and the indicator column carries that. Stored as JSON arrays (no pickle)
 (DeLong p = {res['delong_fused_vs_image']:.3f}){'' if 'cv_auc_fused_with_age' not in res else f"; on the cases with age: fused {res['cv_auc_fused_with_age']:.3f} vs image-only {res['auc_image_only_with_age']:.3f}"}.
 
 **Limits.** Very few cases carry age; the age effect is weakly estimated. Refit it on your own population.
+
+**Retrain.** `{manifest['provenance']['command']}`
 """
     b = save_head_bundle(a.out, head_to_dict(head), manifest, card)
     print(json.dumps(res, indent=1))

@@ -8,7 +8,7 @@ from typing import Any, Type, TypeVar
 T = TypeVar("T")
 
 _KINDS = {"bool": lambda v: str(v).lower() in ("1", "true", "yes"), "int": int, "float": float, "str": str,
-          "Optional[int]": int, "Optional[float]": float}
+          "Optional[int]": int, "Optional[float]": float, "Optional[str]": str}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: Type[Any]) -> None:

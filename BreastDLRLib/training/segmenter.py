@@ -26,19 +26,20 @@ from .data import Case, load_grey, load_mask, patient_folds, read_manifest_csv
 
 @dataclass
 class SegmenterConfig:
-    size: int = 256
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float = 1e-3
+    size: int = 128               # the shipped model's settings (scripts/retrain_models.sh)
+    epochs: int = 14
+    batch_size: int = 16
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     folds: int = 5
     val_fold: int = 0
     seed: int = 0
-    patience: int = 8
+    patience: int = 5
     max_train_cases: Optional[int] = None
     bf16: bool = True
     threads: int = 0
     max_minutes: Optional[float] = None
+    init: Optional[str] = None    # a segmenter bundle to fine-tune from (else random initialisation)
 
 
 def load_arrays(cases: List[Case], size: int) -> tuple:
@@ -111,7 +112,13 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
     log(f"[train] images loaded in {time.time() - t0:.0f} s")
 
     args = {"architecture": "Unet", "encoder_name": "efficientnet-b0", "in_channels": 1, "classes": 1}
-    model = build_segmenter(**args).to(memory_format=torch.channels_last)
+    model = build_segmenter(**args)
+    if cfg.init:
+        from ..bundles import load_weights, open_bundle
+
+        model.load_state_dict({k: v.float() for k, v in load_weights(open_bundle(cfg.init)).items()})
+        log(f"[train] fine-tuning from {cfg.init}")
+    model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1)
