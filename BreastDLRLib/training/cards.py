@@ -31,7 +31,7 @@ def segmenter_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path) 
         "input": {"size": [cfg["size"], cfg["size"]], "channels": 1, "normalisation": "zscore",
                   "spacing_mm": None, "resample": "each slice resized to size x size, logits resized back"},
         "labels": ["background", "lesion"],
-        "thresholds": {"probability": 0.5, "min_lesion_mm3": 1.0, "min_lesion_mm2": 2.0, "min_lesion_fraction": 0.002},
+        "thresholds": {"probability": 0.5, "min_lesion_mm3": 20.0, "min_lesion_mm2": 7.0, "min_lesion_fraction": 0.002},
         "inference": {"bf16_cpu": bf16_ok, "bf16_tolerance": "mean mask Dice bf16 vs fp32 >= 0.98 on validation"},
         "clinical_variables": [],
         "provenance": {"data": DATA_CITATION, "manifest": Path(manifest_path).name, "n_train_images": res["n_train"],
@@ -50,7 +50,9 @@ trained from scratch (no ImageNet weights) on CPU on 2D breast ultrasound images
 per-image z-score normalisation, Dice + BCE loss, Adam with a one-cycle schedule, MONAI augmentation (left-right flip,
 small affine, gamma and gain). Applied slice by slice along a volume's acquisition axis. Weights stored in float16.
 
-**Data.** {res['n_train']} training images from {DATA_CITATION}. Patient-level split: one fold of a 5-fold stratified
+**Data.** {res['n_train']} training images ({json.dumps(res.get('train_datasets', {}))}) from {DATA_CITATION}{
+' and synthetic images of BreastDLRLib.synthetic (so that the hypoechoic fat layers of the synthetic ABVS volumes are not taken for lesions)' if 'synthetic' in res.get('train_datasets', {}) else ''}{
+f"; fine-tuned from {cfg['init']}" if cfg.get('init') else ''}. Patient-level split: one fold of a 5-fold stratified
 group split held out ({m['val_images']} images, {m['val_patients']} patients); no patient is on both sides.
 
 **Metrics (held-out patients of the data at hand).**
@@ -59,6 +61,9 @@ group split held out ({m['val_images']} images, {m['val_patients']} patients); n
 - bf16 autocast vs fp32 masks: mean Dice agreement {m['bf16_vs_fp32_mask_dice_mean']:.4f} (min {m['bf16_vs_fp32_mask_dice_min']:.4f});
   bf16 on CPU is {'enabled' if bf16_ok else 'disabled'} by default.
 - best epoch {m['best_epoch']} of {m['epochs_run']} run.
+
+**Post-processing.** Threshold 0.5, 3D connected components, components smaller than 20 mm³ (volumes) or 7 mm²
+(2D images) dropped as specks.
 
 **Limits.** Trained on handheld 2D images only; on ABVS/ABUS volumes it runs slice by slice on transverse slices
 and has not been validated on real 3D breast volumes (none were available). Calipers and text overlays in the

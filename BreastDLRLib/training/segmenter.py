@@ -200,5 +200,7 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
         "bf16_vs_fp32_mask_dice_mean": float(agree.mean()), "bf16_vs_fp32_mask_dice_min": float(agree.min()),
         "best_epoch": best_epoch, "epochs_run": len(history),
     }
+    from collections import Counter
+
     return {"model": model, "metrics": metrics, "history": history, "config": asdict(cfg), "arguments": args,
-            "n_train": len(tr)}
+            "n_train": len(tr), "train_datasets": dict(Counter(c.dataset for c in tr))}
