@@ -13,7 +13,7 @@ py=.venv/bin/python
 export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 ( $py scripts/train_segmenter.py --manifest "$manifest" --out "$work/segmenter-real" --work "$work/segmenter" --threads 1
   $py scripts/make_mixed_manifest.py --manifest "$manifest" --out "$work/mix"
-  $py scripts/train_segmenter.py --manifest "$work/mix/manifest.csv" --init "$work/segmenter-real" --epochs 4 --lr 0.0005 \
+  $py scripts/train_segmenter.py --manifest "$work/mix/manifest.csv" --init "$work/segmenter-real" --epochs 7 --lr 0.0005 \
       --out Resources/Models/breastdlr-segmenter-2d --work "$work/segmix" --threads 1 ) &
 $py scripts/train_classifier.py --manifest "$manifest" --task both --out Resources/Models --work "$work/classifiers" --threads 1
 wait
