@@ -65,6 +65,12 @@ def input_record(volume: Volume) -> Dict[str, Any]:
             "modality": md.get("modality"), "acquisition_axis": int(md.get("acquisition_axis", 0))}
 
 
+def header(result: Analysis) -> Dict[str, Any]:
+    """What every result file starts with: schema, software, intended use, input and models."""
+    return {"schema_version": SCHEMA_VERSION, "software": {"name": "BreastDLR", "version": __version__},
+            "intended_use": INTENDED_USE, "input": input_record(result.volume), "models": result.models}
+
+
 def lesion_record(lr: LesionResult, volume: Volume) -> Dict[str, Any]:
     les = lr.lesion
     rec = lr.recommendation
@@ -132,11 +138,7 @@ def _segmentation_files(stage: Path, result: Analysis) -> Dict[str, Any]:
     k_best = int(round(result.lesions[0].lesion.centre_kji[axis])) if result.lesions else vol.shape[axis] // 2
     transverse_preview(vol, result.labels, k_best, stage / "preview.png")
     doc = {
-        "schema_version": SCHEMA_VERSION,
-        "software": {"name": "BreastDLR", "version": __version__},
-        "intended_use": INTENDED_USE,
-        "input": input_record(vol),
-        "models": result.models,
+        **header(result),
         "precision": result.precision,
         "lesions": [{k: v for k, v in r.items() if k not in ("probabilities", "frame_probabilities", "thresholds",
                                                               "recommendation", "heatmap")} for r in records],
@@ -174,11 +176,7 @@ def write_analysis(out_dir: str | Path, result: Analysis, report: bool = True) -
         if result.heatmap is not None:
             write_volume(result.heatmap, stage / "heatmap.nrrd")
         findings = {
-            "schema_version": SCHEMA_VERSION,
-            "software": {"name": "BreastDLR", "version": __version__},
-            "intended_use": INTENDED_USE,
-            "input": input_record(vol),
-            "models": result.models,
+            **header(result),
             "clinical": result.clinical,
             "clinical_notes": result.clinical_notes,
             "birads": result.birads,
