@@ -34,31 +34,47 @@ def _monai_seconds(seg: SliceSegmenter, array: np.ndarray) -> float:
     """The same network, normalisation and precision through MONAI's SliceInferer (one window per slice)."""
     from monai.inferers import SliceInferer
 
-    x = torch.from_numpy(array.astype(np.float32))
+    import torch.nn.functional as F
+
+    from .segmentation import to_network_grid
+
     t0 = time.perf_counter()
-    # the same per-slice normalisation our path does, then MONAI runs the slices
-    norm = normalise_intensity(x.unsqueeze(1), seg.normalisation)[:, 0]
-    vol = norm.permute(1, 2, 0)[None, None]  # (1, 1, H, W, D), slices along the last axis
+    h, w = array.shape[1:]
+    # the same work our path does: each slice to the network grid and normalised, the network over every slice
+    # (here through MONAI's SliceInferer, one window per slice), logits back to the slice size, sigmoid
+    grid = to_network_grid(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), seg.size, seg.normalisation)
+    vol = grid[:, 0].permute(1, 2, 0)[None, None]  # (1, 1, S, S, D): slices along the last axis
     inferer = SliceInferer(roi_size=(seg.size, seg.size), sw_batch_size=seg.batch_size, spatial_dim=2, progress=False)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=seg.bf16):
         out = inferer(vol.to(seg.device), seg.model)
-    torch.sigmoid(out.float())
+    logits = out[0, 0].permute(2, 0, 1)[:, None].float()
+    prob = torch.sigmoid(F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)).to(torch.float16)
+    prob.numpy()
     return time.perf_counter() - t0
 
 
 def _peak_child(model: Optional[str], device: str, shape_kji=(270, 546, 843)) -> Dict[str, Any]:
-    code = (
-        "import json,resource,sys,time,numpy as np\n"
-        "from BreastDLRLib.bench import _segmenter\n"
-        "from BreastDLRLib.volume import Volume\n"
-        "from BreastDLRLib.lesions import find_lesions\n"
-        f"seg=_segmenter({model!r},{device!r})\n"
-        f"rng=np.random.default_rng(0); a=rng.integers(0,256,{tuple(shape_kji)!r},dtype=np.uint8)\n"
-        "v=Volume(a,(0.2,0.073,0.5),metadata={'spacing_source':'synthetic'})\n"
-        "t=time.perf_counter(); r=seg(v); labels,les=find_lesions(r.probability); s=time.perf_counter()-t\n"
-        "print(json.dumps({'seconds':s,'peak_rss_mb':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    """Segment a full-size synthetic ABVS volume in a fresh process (read from NRRD, as a user's would be) and
+    report its seconds and peak resident memory."""
+    from .io import write_volume
+    from .synthetic import make_volume
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "full.nrrd"
+        write_volume(make_volume(seed=11, shape_kji=shape_kji, spacing=(0.2, 0.073, 0.5), n_lesions=2).image, path,
+                     compress=False)
+        code = (
+            "import json,resource,time\n"
+            "from BreastDLRLib.bench import _segmenter\n"
+            "from BreastDLRLib.io import read_volume\n"
+            "from BreastDLRLib.lesions import find_lesions\n"
+            f"seg=_segmenter({model!r},{device!r})\n"
+            f"t=time.perf_counter(); v=read_volume({str(path)!r}); r=seg(v); labels,les=find_lesions(r.probability)\n"
+            "s=time.perf_counter()-t\n"
+            "print(json.dumps({'seconds':s,'lesions':len(les),"
+            "'peak_rss_mb':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -64,9 +64,13 @@ def max_feret_diameter(mask: np.ndarray, spacing_kji: Sequence[float]) -> float:
     """
     if not mask.any():
         return 0.0
-    # boundary voxels suffice; their corners span the same convex hull as the whole mask
-    boundary = mask & ~ndimage.binary_erosion(mask, border_value=0)
-    pts = np.argwhere(boundary).astype(float)
+    # the first and last voxel of every row along the last axis suffice: every voxel between them lies in the
+    # convex hull of their corners (memory O(rows), not O(voxels), for large or noisy masks)
+    has = mask.any(axis=2)
+    first = np.argmax(mask, axis=2)
+    last = mask.shape[2] - 1 - np.argmax(mask[:, :, ::-1], axis=2)
+    kk, jj = np.nonzero(has)
+    pts = np.concatenate([np.stack([kk, jj, first[kk, jj]], 1), np.stack([kk, jj, last[kk, jj]], 1)]).astype(float)
     flat = [a for a in range(3) if mask.shape[a] == 1]
     offsets = np.array(np.meshgrid(*[[0.0] if a in flat else [-0.5, 0.5] for a in range(3)], indexing="ij")).reshape(3, -1).T
     corners = (pts[:, None, :] + offsets[None]).reshape(-1, 3) * np.asarray(spacing_kji, dtype=float)
@@ -95,12 +99,14 @@ def _measure(lid: int, region: np.ndarray, offset: Tuple[int, int, int], prob: O
     depth_axis = int(volume.metadata.get("depth_axis", 1))
     lateral_axis = 2
     axial_axis = int(volume.metadata.get("acquisition_axis", 0))
-    coords = np.argwhere(region)
-    k0, j0, i0 = offset
-    lo = coords.min(0) + offset
-    hi = coords.max(0) + offset + 1
+    # per-axis projections instead of np.argwhere: a huge component would need 24 bytes per voxel there
+    proj = [region.sum(axis=tuple(b for b in range(3) if b != a), dtype=np.int64) for a in range(3)]
+    n_vox = int(proj[0].sum())
+    nz = [np.flatnonzero(p) for p in proj]
+    lo = np.array([z[0] for z in nz]) + offset
+    hi = np.array([z[-1] for z in nz]) + offset + 1
     bbox = tuple((int(a), int(b)) for a, b in zip(lo, hi))
-    centre = tuple(float(c) for c in coords.mean(0) + offset)
+    centre = tuple(float((p * np.arange(len(p))).sum() / n_vox + o) for p, o in zip(proj, offset))
     ext = (hi - lo) * np.asarray(spacing_kji)
     # cross-sections in the transverse plane (perpendicular to the acquisition axis)
     areas = region.sum(axis=tuple(a for a in range(3) if a != axial_axis)) * float(
@@ -111,12 +117,16 @@ def _measure(lid: int, region: np.ndarray, offset: Tuple[int, int, int], prob: O
         (lo[a] == 0 or hi[a] == shape[a]) for a in range(3) if not (is_2d and a == 0)
     )
     units = "pixels" if volume.metadata.get("spacing_source") == "unknown" else "mm"
-    mean_p = float(prob[tuple(c + o for c, o in zip(coords.T, offset))].mean()) if prob is not None else float("nan")
+    if prob is not None:
+        window = prob[tuple(slice(o, o + n) for o, n in zip(offset, region.shape))]
+        mean_p = float(np.sum(window, where=region, dtype=np.float64) / n_vox)  # no copy of the lesion's voxels
+    else:
+        mean_p = float("nan")
     return Lesion(
         id=lid, mask=region, bbox_kji=bbox, centre_kji=centre,
         centre_ras=tuple(float(v) for v in volume.array_index_to_ras(centre)),
-        voxels=int(len(coords)),
-        volume_mm3=None if is_2d else float(len(coords) * volume.voxel_volume_mm3),
+        voxels=n_vox,
+        volume_mm3=None if is_2d else float(n_vox * volume.voxel_volume_mm3),
         area_mm2=float(areas.max()),
         max_diameter_mm=max_feret_diameter(region, spacing_kji),
         extent_mm={"depth": depth, "lateral": lateral, "elevation": None if is_2d else float(ext[axial_axis])},
@@ -146,23 +156,36 @@ def find_lesions(
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         raise InputError("The lesion probability map contains NaN values; the model output is unusable (check the input image).")
     binary = arr > threshold
-    labels, n = ndimage.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
+    # uint16 labels where they fit (half the memory of int32 on a full-size ABVS volume), reused as the output
+    structure = np.ones((3, 3, 3), dtype=bool)
+    try:
+        labels, n = ndimage.label(binary, structure=structure, output=np.uint16)
+    except RuntimeError:  # more than 65535 components
+        labels, n = ndimage.label(binary, structure=structure)
+    del binary
     is_2d = probability.is_2d or arr.shape[0] == 1
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    flat = labels.reshape(-1)
+    step = 1 << 23  # np.bincount casts to int64: count in chunks so a full-size volume needs no 1 GB temporary
+    sizes = sum(np.bincount(flat[i:i + step], minlength=n + 1) for i in range(0, flat.size, step))[1:]
     unit = probability.voxel_volume_mm3 if not is_2d else probability.spacing[0] * probability.spacing[1]
     min_size = min_size_mm2 if is_2d else min_size_mm3
     keep = [c + 1 for c in np.argsort(-sizes, kind="stable")
             if sizes[c] * unit >= min_size and sizes[c] >= min_fraction * arr.size]
     if max_lesions is not None:
         keep = keep[:max_lesions]
-    out = np.zeros(arr.shape, dtype=np.uint16)
-    lesions: List[Lesion] = []
     slices = ndimage.find_objects(labels)
     prob = arr if np.issubdtype(arr.dtype, np.floating) else None
-    for new_id, old in enumerate(keep, start=1):
-        sl = slices[old - 1]
-        region = labels[sl] == old
-        out[sl][region] = new_id
+    regions = [(labels[slices[old - 1]] == old, slices[old - 1]) for old in keep]
+    # renumber in place: kept components become 1..len(keep) by size, everything else 0
+    lut = np.zeros(n + 1, dtype=np.uint16 if len(keep) < 65535 else np.uint32)
+    lut[keep] = np.arange(1, len(keep) + 1)
+    # (chunk by chunk: numpy turns index arrays into int64, a 1 GB temporary on a full-size volume)
+    out = labels if lut.dtype == labels.dtype else np.empty(labels.shape, dtype=lut.dtype)
+    out_flat = out.reshape(-1)
+    for i in range(0, flat.size, step):
+        out_flat[i:i + step] = lut[flat[i:i + step]]
+    lesions: List[Lesion] = []
+    for new_id, (region, sl) in enumerate(regions, start=1):
         lesions.append(_measure(new_id, region, tuple(s.start for s in sl), prob, probability))
     return probability.with_array(out), lesions
 

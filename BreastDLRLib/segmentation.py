@@ -119,7 +119,7 @@ class SliceSegmenter:
             t1 = time.perf_counter()
             logits = self.logits_for(chunk)
             t2 = time.perf_counter()
-            out[start:start + len(chunk)] = torch.sigmoid(logits).cpu().numpy().astype(np.float16)
+            out[start:start + len(chunk)] = torch.sigmoid(logits).to(torch.float16).cpu().numpy()
             t3 = time.perf_counter()
             timings["preprocess"] += t1 - t0
             timings["network"] += t2 - t1

@@ -120,3 +120,16 @@ def test_labels_roundtrip_measurements():
     les = lesions_from_labels(vol(a))
     assert [l.voxels for l in les] == [16, 16]
     assert les[1].bbox_kji == ((1, 2), (10, 12), (10, 18))
+
+
+def test_feret_equals_brute_force_over_every_voxel_corner():
+    from scipy import ndimage
+    from scipy.spatial.distance import pdist
+
+    rng = np.random.default_rng(3)
+    m = ndimage.binary_opening(rng.random((6, 12, 14)) > 0.45)
+    sp = (0.5, 0.3, 0.2)
+    pts = np.argwhere(m).astype(float)
+    off = np.array(np.meshgrid([-0.5, 0.5], [-0.5, 0.5], [-0.5, 0.5], indexing="ij")).reshape(3, -1).T
+    corners = (pts[:, None] + off[None]).reshape(-1, 3) * np.array(sp)
+    assert max_feret_diameter(m, sp) == pytest.approx(pdist(np.unique(corners, axis=0)).max())
