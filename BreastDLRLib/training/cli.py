@@ -51,16 +51,16 @@ def register(sub) -> None:
     t.add_argument("--preset", choices=PRESET_NAMES, default=None,
                    help="classifiers: optimiser, learning rate, batch size and epochs of a paper (lu2025, "
                         "liu2025) or the CPU-friendly default (cpu)")
-    t.add_argument("--epochs", type=int, help="number of epochs (default: the preset's; segmenter 30)")
-    t.add_argument("--batch-size", type=int, help="images per step (default: the preset's; segmenter 8)")
-    t.add_argument("--lr", type=float, help="peak learning rate (default: the preset's; segmenter 1e-3)")
+    t.add_argument("--epochs", type=int, help="number of epochs (default: the preset's; segmenter 14)")
+    t.add_argument("--batch-size", type=int, help="images per step (default: the preset's; segmenter 16)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default: the preset's; segmenter 2e-3)")
     t.add_argument("--folds", type=int, default=5, help="number of patient-level folds (default 5)")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--val-fold", type=int, default=0, help="the fold held out for validation (default 0)")
     g.add_argument("--cv", action="store_true", help="train every fold; cv_metrics.json in the bundle; "
                                                      "the bundle's weights are the fold-0 model")
     t.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the augmentation")
-    t.add_argument("--size", type=int, help="input size in pixels (default: segmenter 256, classifiers 128)")
+    t.add_argument("--size", type=int, help="input size in pixels (default: 128 for the segmenter and the classifiers)")
     t.add_argument("--backbone", choices=("resnet50", "resnet18"), default=None,
                    help="classifiers: the ResNet trunk (default resnet50)")
     t.add_argument("--max-minutes", type=float, help="time budget (for --cv shared between the folds)")
