@@ -25,15 +25,26 @@ SCHEMA_VERSION = "1.0"
 INTENDED_USE = "Research use only. Not a medical device; results must be reviewed by a qualified radiologist."
 
 
+# what an earlier run may have left in the output folder: removed before new results move in, so a folder never
+# mixes two runs (e.g. lesion7_*.png of an earlier run beside a new findings.json with 2 lesions)
+RESULT_PATTERNS = ("findings.json", "lesions.json", "labels.nrrd", "labels.png", "heatmap.nrrd", "report.html",
+                   "preview.png", "lesion[0-9]*_*.png")
+
+
 @contextlib.contextmanager
 def staged_output(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a staging folder; on success its files move into ``out_dir`` (replacing same-named ones)."""
+    """Yield a staging folder; on success earlier BreastDLR results in ``out_dir`` are removed (nothing else) and
+    the new files move in."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}-staging-", dir=out.parent))
     try:
         yield stage
         out.mkdir(parents=True, exist_ok=True)
+        for pattern in RESULT_PATTERNS:
+            for old in out.glob(pattern):
+                if old.is_file():
+                    old.unlink()
         for item in sorted(stage.rglob("*")):
             if item.is_file():
                 dest = out / item.relative_to(stage)

@@ -177,3 +177,14 @@ def test_gpu_agrees_with_cpu(tiny_bundles):
     for a, b in zip(cpu.lesions, gpu.lesions):
         for k in a.probabilities:
             assert abs(a.probabilities[k] - b.probabilities[k]) < 1e-3
+
+
+def test_a_rerun_leaves_no_stale_results_and_keeps_other_files(pipe, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "lesion7_transverse_crop.png").write_bytes(b"old run")
+    write_analysis(out, pipe.analyze(make_image(seed=2).image))
+    assert not (out / "lesion7_transverse_crop.png").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "lesion1_transverse_crop.png").is_file()
