@@ -97,6 +97,7 @@ def lesion_record(lr: LesionResult, volume: Volume) -> Dict[str, Any]:
         "thresholds": dict(lr.thresholds),
         "recommendation": None if rec is None else rec.to_dict(),
         "heatmap": None,
+        "heatmap_class": lr.heatmap_class,
         "previews": {},
     }
 
@@ -152,7 +153,7 @@ def _segmentation_files(stage: Path, result: Analysis) -> Dict[str, Any]:
         **header(result),
         "precision": result.precision,
         "lesions": [{k: v for k, v in r.items() if k not in ("probabilities", "frame_probabilities", "thresholds",
-                                                              "recommendation", "heatmap")} for r in records],
+                                                              "recommendation", "heatmap", "heatmap_class")} for r in records],
         "outputs": {"label_map": "labels.nrrd", "preview": "preview.png"},
         "timings_s": result.timings,
     }

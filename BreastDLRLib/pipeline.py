@@ -34,6 +34,7 @@ class LesionResult:
     crops: Dict[str, Any] = field(default_factory=dict, repr=False)   # plane -> [PlaneCrop]
     cams: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     embedding: Optional[np.ndarray] = field(default=None, repr=False)
+    heatmap_class: Optional[str] = None            # the class Grad-CAM explains (the model's decision)
 
 
 @dataclass
@@ -255,7 +256,10 @@ class Pipeline:
                     net, layers = model, model.feature_layers()
                 else:
                     net, layers = _DictInput(model), {"transverse": model.feature_layers()["image"]}
-                lr.cams = gradcam_planes(net, centre, layers, target_class=1, planes=tuple(centre))
+                # explain the decision the model made: the malignant class when it called the lesion malignant,
+                # the benign class otherwise (Grad-CAM of an unchosen class is mostly empty)
+                lr.heatmap_class = "malignant" if pred.malignant else "benign"
+                lr.cams = gradcam_planes(net, centre, layers, target_class=int(pred.malignant), planes=tuple(centre))
                 heatmap_to_volume(volume, crops, lr.cams, out=heat)
                 explained = True
                 timing["explain"] += time.perf_counter() - t

@@ -86,7 +86,7 @@ def render(findings: Dict[str, Any], folder: Path) -> str:
         figs = []
         prev = les.get("previews", {})
         for plane in PLANES:
-            for kind, cap in (("crop", ""), ("gradcam", " Grad-CAM")):
+            for kind, cap in (("crop", ""), ("gradcam", f" Grad-CAM ({les.get('heatmap_class') or 'decision'})")):
                 im = _img(folder, prev.get(f"{plane}_{kind}"))
                 if im:
                     figs.append(f"<figure>{im}<figcaption>{plane}{cap}</figcaption></figure>")
