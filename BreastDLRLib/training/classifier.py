@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..networks.classifiers import build_classifier
+from .augment import ultrasound_augmenter
 from .data import Case, patient_folds, read_manifest_csv
 
 PRESETS: Dict[str, Dict] = {
@@ -128,17 +129,8 @@ def build_crops(cases: List[Case], task: str, size: int, margin: float, margin_o
 
 
 def augmenter(seed: int):
-    from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandFlipd, RandScaleIntensityd
-
-    t = Compose([
-        RandFlipd(keys=("image",), prob=0.5, spatial_axis=1),
-        RandAffined(keys=("image",), prob=0.8, rotate_range=(0.17,), scale_range=(0.2, 0.2),
-                    translate_range=(10, 10), mode="bilinear", padding_mode="zeros"),
-        RandAdjustContrastd(keys=("image",), prob=0.5, gamma=(0.7, 1.5)),
-        RandScaleIntensityd(keys=("image",), prob=0.5, factors=0.2),
-    ])
-    t.set_random_state(seed)
-    return t
+    """The classifiers' augmentation (crops only)."""
+    return ultrasound_augmenter(seed, with_mask=False, affine_prob=0.8, scale=0.2, translate=10)
 
 
 def _to_input(x_uint8: np.ndarray) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..bundles import save_bundle
 from ..networks.segmenter import build_segmenter
 from ..segmentation import normalise_intensity
+from .augment import ultrasound_augmenter
 from .data import Case, load_grey, load_mask, patient_folds, read_manifest_csv
 
 
@@ -49,17 +50,8 @@ def load_arrays(cases: List[Case], size: int) -> tuple:
 
 
 def augmenter(seed: int):
-    from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandFlipd, RandScaleIntensityd
-
-    t = Compose([
-        RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=1),
-        RandAffined(keys=("image", "mask"), prob=0.7, rotate_range=(0.17,), scale_range=(0.15, 0.15),
-                    translate_range=(20, 20), mode=("bilinear", "nearest"), padding_mode="zeros"),
-        RandAdjustContrastd(keys=("image",), prob=0.5, gamma=(0.7, 1.5)),
-        RandScaleIntensityd(keys=("image",), prob=0.5, factors=0.2),
-    ])
-    t.set_random_state(seed)
-    return t
+    """The segmenter's augmentation (image and mask)."""
+    return ultrasound_augmenter(seed, with_mask=True, affine_prob=0.7, scale=0.15, translate=20)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
