@@ -9,7 +9,6 @@ full-size peak ≤ 2 GB, never slower than MONAI; analysis of a 2D image ≤ 0.5
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from .bundles import default_bundle, open_bundle
-from .segmentation import SliceSegmenter, normalise_intensity, resolve_device
+from .segmentation import SliceSegmenter, resolve_device
 
 
 def _segmenter(model: Optional[str], device: str) -> SliceSegmenter:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
 from .errors import BreastDLRError, Cancelled

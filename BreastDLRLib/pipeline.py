@@ -15,14 +15,11 @@ import numpy as np
 import torch
 
 from .bundles import Bundle, default_bundle, open_bundle
-from .errors import ClinicalInputError, InputError, ModelBundleError
+from .errors import ClinicalInputError, ModelBundleError
 from .lesions import Lesion, find_lesions
 from .progress import CancelCheck, ProgressCallback, check_cancel, no_progress
 from .segmentation import SliceSegmenter, resolve_device
 from .volume import Volume
-
-CLASSIFIER_ROLES = ("malignancy", "risk", "abvs-malignancy", "fusion")
-
 
 @dataclass
 class LesionResult:

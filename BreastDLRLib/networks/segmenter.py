@@ -4,9 +4,8 @@ No pretrained weights are ever downloaded (``encoder_weights=None``); a model bu
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
-import torch
 from torch import nn
 
 SEGMENTER_ARCHITECTURES = ("Unet",)
@@ -32,16 +31,3 @@ def build_segmenter(
         classes=classes,
         decoder_channels=tuple(decoder_channels),
     )
-
-
-def segmenter_arguments(model_arguments: Dict[str, Any]) -> Dict[str, Any]:
-    """Arguments the builder accepts, as stored in a manifest (lists become tuples)."""
-    out = dict(model_arguments)
-    if "decoder_channels" in out:
-        out["decoder_channels"] = tuple(out["decoder_channels"])
-    return out
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-

@@ -8,7 +8,6 @@ The model card says plainly that its metrics are on synthetic data and mean noth
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Tuple

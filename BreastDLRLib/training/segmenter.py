@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..bundles import save_bundle
 from ..networks.segmenter import build_segmenter
 from ..segmentation import normalise_intensity
 from .augment import ultrasound_augmenter
