@@ -3,13 +3,13 @@
 * :class:`ThreePlaneFusion` — Liu et al. 2025 (automated breast volume scanner, ABVS): one ResNet trunk
   per plane; transverse and sagittal features are added, the sum is concatenated with the coronal
   features, a fully connected layer halves the fused width (2C → C, ReLU, dropout), then C → classes.
-* :class:`EmbeddingNet` — Lu et al. 2025: a ResNet whose final layer becomes a 128-wide image
+* :class:`EmbeddingNet` — Lu et al. 2025: a ResNet (or, for Yang et al. 2024, a VGG11) whose final layer becomes a 128-wide image
   embedding (Linear C → 128, ReLU) followed by a classification layer (128 → classes).  The embedding
   feeds the clinical fusion heads of :mod:`BreastDLRLib.clinical`.
 * :func:`predict_frames` — per-lesion probability as the mean of the per-frame softmax P(malignant).
 * :func:`build_classifier` — rebuild a network from a bundle manifest's ``architecture``/``arguments``.
 
-Trunks are torchvision ResNets built with ``weights=None`` (nothing is downloaded).  Class index 1 is
+Trunks are torchvision ResNets (or VGGs, :class:`VGGTrunk`) built with ``weights=None`` (nothing is downloaded).  Class index 1 is
 "malignant" (or "high risk") by convention.
 """
 from __future__ import annotations
@@ -31,6 +31,11 @@ RESNETS: Dict[str, Callable[..., nn.Module]] = {
     "resnet50": tv_models.resnet50,
     "resnet101": tv_models.resnet101,
 }
+VGGS: Dict[str, Callable[..., nn.Module]] = {   # Yang et al. 2024 (CLDLR) used VGG11 features
+    "vgg11_bn": tv_models.vgg11_bn,
+    "vgg11": tv_models.vgg11,
+}
+BACKBONES: Tuple[str, ...] = tuple(RESNETS) + tuple(VGGS)
 
 PlaneInput = Union[torch.Tensor, Mapping[str, Optional[torch.Tensor]]]
 
@@ -79,6 +84,46 @@ class ResNetTrunk(nn.Module):
         return self.layer4[-1]
 
 
+class VGGTrunk(nn.Module):
+    """The convolutional part of a torchvision VGG (``features``) and global average pooling.
+
+    ``forward(x: (B, C, H, W)) -> (B, 512)``.  The ReLUs are made out-of-place so that Grad-CAM can hook the
+    last one (:meth:`last_conv_block`): the activation map that is pooled.
+    """
+
+    def __init__(self, backbone: str = "vgg11_bn", in_channels: int = 3) -> None:
+        super().__init__()
+        if backbone not in VGGS:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+        features = VGGS[backbone](weights=None).features
+        if in_channels != 3:
+            first = features[0]
+            features[0] = nn.Conv2d(in_channels, first.out_channels, kernel_size=3, padding=1)
+        for m in features.modules():
+            if isinstance(m, nn.ReLU):
+                m.inplace = False
+        self.backbone, self.in_channels = backbone, int(in_channels)
+        self.features = features
+        self.out_features = int([m for m in features if isinstance(m, nn.Conv2d)][-1].out_channels)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.features(_match_channels(x, self.in_channels))), 1)
+
+    def last_conv_block(self) -> nn.Module:
+        """The last ReLU of ``features`` (after the last convolution, before the last max-pooling)."""
+        return [m for m in self.features if isinstance(m, nn.ReLU)][-1]
+
+
+def make_trunk(backbone: str = "resnet50", in_channels: int = 3) -> nn.Module:
+    """A ResNet or VGG trunk by name (``BACKBONES``), built with ``weights=None``."""
+    if backbone in VGGS:
+        return VGGTrunk(backbone, in_channels)
+    if backbone in RESNETS:
+        return ResNetTrunk(backbone, in_channels)
+    raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+
+
 class ThreePlaneFusion(nn.Module):
     """Liu et al. 2025 three-plane fusion classifier.
 
@@ -117,7 +162,7 @@ class ThreePlaneFusion(nn.Module):
         # shared_trunk: one trunk (weights shared by the three planes, a third of the size) instead of one each
         self.shared_trunk = bool(shared_trunk)
         names = ("shared",) if self.shared_trunk else planes
-        self.trunks = nn.ModuleDict({p: ResNetTrunk(backbone, in_channels) for p in names})
+        self.trunks = nn.ModuleDict({p: make_trunk(backbone, in_channels) for p in names})
         width = self.trunk_for(planes[0]).out_features
         self.feature_width = width
         self.reduce = nn.Linear(2 * width, width)
@@ -258,7 +303,7 @@ class EmbeddingNet(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.backbone, self.embedding_dim, self.num_classes = backbone, int(embedding_dim), int(num_classes)
         self.in_channels, self.dropout_p = int(in_channels), float(dropout)
-        self.trunk = ResNetTrunk(backbone, in_channels)
+        self.trunk = make_trunk(backbone, in_channels)
         self.feature_width = self.trunk.out_features
         self.embedding = nn.Linear(self.feature_width, self.embedding_dim)
         self.dropout = nn.Dropout(self.dropout_p)

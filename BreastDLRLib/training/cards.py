@@ -86,8 +86,21 @@ TASKS = {
 }
 
 
+TRUNK_NAMES = {"resnet18": "ResNet18", "resnet34": "ResNet34", "resnet50": "ResNet50", "resnet101": "ResNet101",
+               "vgg11_bn": "VGG11 (with batch normalisation)", "vgg11": "VGG11"}
+
+
 def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path) -> Tuple[Dict[str, Any], str]:
     cfg, m = res["config"], res["metrics"]
+    backbone = res["arguments"].get("backbone", "resnet50")
+    trunk = TRUNK_NAMES.get(backbone, backbone)
+    svm = m.get("svm_head")
+    design = ("Yang et al. 2024 (CLDLR): deep features of a" if svm else "EmbeddingNet (Lu et al. 2025): a")
+    head_text = (f"A linear support vector machine (C={svm['C']}, {svm['n_support']} support vectors, standardised "
+                 f"embeddings, {svm['calibration']}) was then fitted on the embeddings of the training crops and "
+                 "written exactly into the last layer, so the probability is the SVM's calibrated one "
+                 f"(validation AUC of the network's own layer before the SVM: {m['auc_before_svm']:.3f}).\n"
+                 if svm else "")
     name, role, task_text, labels = TASKS[cfg["task"]]
     joint = m.get("multitask")
     cmd = ("python scripts/train_classifier.py --manifest <breast-us>/manifest.csv --task both --out Resources/Models"
@@ -115,13 +128,13 @@ def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path)
 
 **Task.** {task_text}, from one 2D ultrasound crop around a lesion ({'the malignancy model "BM"' if role == 'malignancy' else 'the BI-RADS risk model "LH"'} of the two-stage assessment of Lu et al. 2025).
 
-**What it is.** EmbeddingNet (Lu et al. 2025): a ResNet50 trunk (torchvision, `weights=None`, trained from scratch, no
+**What it is.** {design} {trunk} trunk (torchvision, `weights=None`, trained from scratch, no
 ImageNet weights) whose classifier is fc → 128 (the image embedding) → 2. Input: the transverse crop cut by
 `BreastDLRLib.planes.crop_planes` around the lesion's bounding box (margin {cfg['margin']} of its {cfg.get('margin_of', 'longer')} side on each side),
 isotropic, {cfg['size']}x{cfg['size']} pixels (smaller than the papers' 224 so that it trains on a 2-core CPU), min-max normalised.
 {"Trained jointly with the " + " and ".join(joint) + " heads on one shared trunk and embedding (two outputs per task), " if joint else ""}Training: preset `{cfg['preset']}`, class-balanced cross-entropy, MONAI augmentation (flip, affine, gamma, gain),
 bf16 autocast, best validation AUC kept. Weights stored in float16.
-
+{head_text}
 **Data.** {res['n_train']} training crops from {DATA_CITATION}. Patient-level split: one fold of a
 {cfg['folds']}-fold stratified group split held out ({m['val_crops']} crops, {m['val_patients']} patients, {m['val_positives']} positive).
 

@@ -27,6 +27,11 @@ PRESETS: Dict[str, Dict] = {
     "lu2025": {"optimizer": "adam", "lr": 1e-4, "batch_size": 16, "epochs": 100},
     # Liu et al. 2025 (ABVS three-plane): SGD with momentum, lr 1e-3, batch 64
     "liu2025": {"optimizer": "sgd", "lr": 1e-3, "batch_size": 64, "epochs": 100, "momentum": 0.9},
+    # Yang et al. 2024 (CLDLR): VGG11 deep features, then a support vector machine on them.  The VGG11 (with batch
+    # norm, trained from scratch: no ImageNet weights here) is trained end to end first; a linear SVM is then fitted
+    # on its 128-d embeddings of the training crops and folded into the last layer (see fit_svm_head).
+    "yang2024": {"optimizer": "sgd", "lr": 1e-2, "batch_size": 32, "epochs": 30, "momentum": 0.9,
+                 "backbone": "vgg11_bn", "head": "svm"},
     # CPU-friendly default used for the shipped models (documented in their cards)
     "cpu": {"optimizer": "adamw", "lr": 1e-3, "batch_size": 32, "epochs": 14},
 }
@@ -35,7 +40,7 @@ PRESETS: Dict[str, Dict] = {
 @dataclass
 class ClassifierConfig:
     task: str = "malignancy"            # "malignancy" (benign/malignant) or "risk" (BI-RADS 2-3 vs 4-5)
-    backbone: str = "resnet50"
+    backbone: str = ""                  # "": the preset's (resnet50, vgg11_bn for yang2024)
     size: int = 128
     margin: float = 0.3
     margin_of: str = "longer"           # the shipped 2D models were trained this way (see planes.crop_planes)
@@ -64,6 +69,11 @@ def tasks_of(task: str) -> Tuple[str, ...]:
     if task not in TASK_NAMES:
         raise ValueError(f"unknown task {task!r}; use malignancy, risk or both")
     return (task,)
+
+
+def preset_backbone(cfg: ClassifierConfig) -> str:
+    """The trunk of a run: the config's, else its preset's, else ResNet50."""
+    return cfg.backbone or PRESETS[cfg.preset].get("backbone", "resnet50")
 
 
 def label_of(case: Case, task: str) -> Optional[int]:
@@ -168,7 +178,10 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
                      log: Callable[[str], None] = print) -> Dict:
     from ..evaluation import roc_auc
 
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     preset = dict(PRESETS[cfg.preset])
+    backbone = preset_backbone(cfg)
     epochs = cfg.epochs or preset["epochs"]
     bs = cfg.batch_size or preset["batch_size"]
     lr = cfg.lr or preset["lr"]
@@ -190,7 +203,7 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
         ytr, yva = y[tr, t], y[va, t]
         log(f"[train] {name}: {int((ytr >= 0).sum())} training, {int((yva >= 0).sum())} validation crops; "
             f"positives {ytr[ytr >= 0].mean():.2f} / {yva[yva >= 0].mean():.2f}")
-    model = build_classifier("EmbeddingNet", backbone=cfg.backbone, embedding_dim=128, num_classes=2 * len(tasks), dropout=0.2)
+    model = build_classifier("EmbeddingNet", backbone=backbone, embedding_dim=128, num_classes=2 * len(tasks), dropout=0.2)
     model = model.to(memory_format=torch.channels_last)
     if preset["optimizer"] == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=preset.get("momentum", 0.9), weight_decay=cfg.weight_decay)
@@ -264,7 +277,16 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
             break
     model.load_state_dict(torch.load(work / f"best_{cfg.task}.pt", weights_only=True))
     model.eval()
+    svm: Dict[str, Dict] = {}
+    p_before_svm = predict_probs(model, x[va], False) if preset.get("head") == "svm" else None
+    if preset.get("head") == "svm":
+        log("[train] fitting the SVM on the embeddings of the training crops")
+        svm = fit_svm_head(model, x[tr], y[tr], tasks, cfg.bf16, seed=cfg.seed)
+        for name, info in svm.items():
+            log(f"[train] {name}: linear SVM, {info['n_support']} support vectors, Platt a={info['platt'][0]:.3f} "
+                f"b={info['platt'][1]:.3f}")
     p32 = predict_probs(model, x[va], False)
+    p_net = p_before_svm if svm else p32
     p16 = predict_probs(model, x[va], True)
     results = {}
     ds_all = np.array([cases[i].dataset for i in va])
@@ -279,6 +301,9 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
                    "bf16_vs_fp32_max_abs_diff": float(np.abs(p16[sel, t] - pt).max()),
                    "best_epoch": best_epoch, "epochs_run": len(history),
                    "multitask": list(tasks) if len(tasks) > 1 else None}
+        if name in svm:
+            metrics["svm_head"] = svm[name]
+            metrics["auc_before_svm"] = roc_auc(yt, p_net[sel, t]).auc
         for d in sorted(set(ds)):
             m = ds == d
             if len(set(yt[m])) == 2:
@@ -287,4 +312,52 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
                          "n_train": int((y[tr, t] >= 0).sum()), "val_index": va[sel], "val_probs": pt,
                          "labels": y[:, t]}
     return {"tasks": results, "history": history, "config": asdict(cfg), "cases": cases,
-            "arguments": {"backbone": cfg.backbone, "embedding_dim": 128, "num_classes": 2, "dropout": 0.2}}
+            "arguments": {"backbone": backbone, "embedding_dim": 128, "num_classes": 2, "dropout": 0.2}}
+
+
+@torch.inference_mode()
+def embeddings_of(model, x: np.ndarray, bf16: bool, batch: int = 64) -> np.ndarray:
+    """(N, embedding_dim) image embeddings of uint8 crops (eval mode, no augmentation)."""
+    model.eval()
+    out = []
+    for s in range(0, len(x), batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out.append(model.embed(_to_input(x[s:s + batch])).float().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def fit_svm_head(model, x: np.ndarray, y: np.ndarray, tasks: Tuple[str, ...], bf16: bool, C: float = 1.0,
+                 seed: int = 0) -> Dict[str, Dict]:
+    """Yang et al. 2024: a linear SVM on the deep features, with Platt scaling, folded into the last layer.
+
+    For each task column ``t`` a :class:`~BreastDLRLib.clinical.SVMFusionHead` (linear kernel, standardised
+    features, Platt's sigmoid fitted on cross-validated decision values) is fitted on the embeddings of the
+    training crops.  Its probability is ``expit(a * (w . (e - mean) / scale + b0) + b)``, a linear function of
+    the embedding ``e`` through a sigmoid, so it is written exactly into the classification layer: logit of the
+    negative class 0, of the positive class ``a * f(e) + b``.  The bundle stays one safetensors network and
+    ``softmax(model(x))[:, 1]`` is the SVM's calibrated probability.  Returns what was fitted, per task.
+    """
+    from ..clinical import SVMFusionHead
+
+    emb = embeddings_of(model, x, bf16)
+    info: Dict[str, Dict] = {}
+    w_layer = model.classifier.weight.data
+    b_layer = model.classifier.bias.data
+    for t, name in enumerate(tasks):
+        sel = y[:, t] >= 0
+        head = SVMFusionHead(C=C, kernel="linear", random_state=seed).fit(emb[sel], y[sel, t])
+        if list(head.classes_) != [0, 1]:
+            raise ValueError(f"{name}: the SVM needs both classes among the training crops")
+        w_scaled = head.support_vectors_.T @ head.dual_coef_          # decision = Xs . w_scaled + intercept
+        w = w_scaled / head.scale_
+        b0 = float(head.intercept_[0] - w @ head.mean_)
+        a, b = head.platt_
+        neg, pos = 2 * t, 2 * t + 1                                  # logits come in pairs, one per task
+        w_layer[pos].copy_(torch.from_numpy(a * w).to(w_layer.dtype))
+        b_layer[pos] = float(a * b0 + b)
+        w_layer[neg].zero_()
+        b_layer[neg] = 0.0
+        info[name] = {"kernel": "linear", "C": C, "n_support": int(len(head.support_vectors_)),
+                      "platt": [float(a), float(b)], "n_train": int(sel.sum()),
+                      "calibration": "Platt sigmoid on 5-fold cross-validated decision values of the training crops"}
+    return info

@@ -25,7 +25,7 @@ from ..errors import InputError
 from .data import Case, patient_folds, read_manifest_csv
 
 TASKS = ("segmenter", "malignancy", "risk")
-PRESET_NAMES = ("lu2025", "liu2025", "cpu")          # the keys of classifier.PRESETS (checked by a test)
+PRESET_NAMES = ("lu2025", "liu2025", "yang2024", "cpu")          # the keys of classifier.PRESETS (checked by a test)
 SCORE_COLUMN = {"malignancy": "probability_malignant", "risk": "probability_high_risk"}
 DATASET_CITATIONS = {  # dataset column value -> citation (the three datasets of the breast-us manifest)
     "busbra": "BUS-BRA (Gomez-Flores et al., Med Phys 51(4):3110-3123, 2024, doi:10.5281/zenodo.7730709)",
@@ -50,7 +50,8 @@ def register(sub) -> None:
     t.add_argument("--out", required=True, help="bundle folder to write (replaced if it exists)")
     t.add_argument("--preset", choices=PRESET_NAMES, default=None,
                    help="classifiers: optimiser, learning rate, batch size and epochs of a paper (lu2025, "
-                        "liu2025) or the CPU-friendly default (cpu)")
+                        "liu2025; yang2024 also trains a VGG11 and fits an SVM on its features) or the "
+                        "CPU-friendly default (cpu)")
     t.add_argument("--epochs", type=int, help="number of epochs (default: the preset's; segmenter 14)")
     t.add_argument("--batch-size", type=int, help="images per step (default: the preset's; segmenter 16)")
     t.add_argument("--lr", type=float, help="peak learning rate (default: the preset's; segmenter 2e-3)")
@@ -61,8 +62,8 @@ def register(sub) -> None:
                                                      "the bundle's weights are the fold-0 model")
     t.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the augmentation")
     t.add_argument("--size", type=int, help="input size in pixels (default: 128 for the segmenter and the classifiers)")
-    t.add_argument("--backbone", choices=("resnet50", "resnet18"), default=None,
-                   help="classifiers: the ResNet trunk (default resnet50)")
+    t.add_argument("--backbone", choices=("resnet50", "resnet18", "vgg11_bn"), default=None,
+                   help="classifiers: the trunk (default: the preset's; resnet50, vgg11_bn for yang2024)")
     t.add_argument("--max-minutes", type=float, help="time budget (for --cv shared between the folds)")
     t.add_argument("--max-cases", type=int, help="use at most this many training images (quick trials)")
     t.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
@@ -108,7 +109,8 @@ def make_config(a: argparse.Namespace):
 
     preset = a.preset or "cpu"
     base = ClassifierConfig()
-    return ClassifierConfig(task=a.task, backbone=a.backbone or base.backbone, size=a.size or base.size,
+    return ClassifierConfig(task=a.task, backbone=a.backbone or PRESETS[preset].get("backbone", "resnet50"),
+                            size=a.size or base.size,
                             preset=preset, epochs=a.epochs or PRESETS[preset]["epochs"],
                             batch_size=a.batch_size or PRESETS[preset]["batch_size"], lr=a.lr or PRESETS[preset]["lr"],
                             folds=a.folds, val_fold=a.val_fold, seed=a.seed, max_minutes=a.max_minutes,
@@ -205,7 +207,7 @@ def share_crop_cache(task: str, cfg, fold_dirs: Dict[int, Path], k: int) -> None
     """Classifier crops do not depend on the fold: copy the first fold's cache instead of cutting them again."""
     if task == "segmenter":
         return
-    name = f"crops_{task}_{cfg.size}.npz"
+    name = f"crops_{task}_{cfg.size}_{cfg.margin_of}.npz"     # the cache name of classifier.train_classifier
     target = fold_dirs[k] / name
     for d in fold_dirs.values():
         if d != fold_dirs[k] and (d / name).is_file() and not target.is_file():
@@ -509,7 +511,6 @@ def adapt_card(card: str, res: Dict[str, Any], data: str, old_command: str, comm
     card = card.replace(DATA_CITATION, data).replace(old_command, command)
     card = card.replace("one fold of a 5-fold", f"one fold of a {cfg['folds']}-fold")
     if cfg.get("backbone"):
-        card = card.replace("a ResNet50 trunk", f"a {cfg['backbone'].replace('resnet', 'ResNet')} trunk")
         card = card.replace("about two thousand images", f"{res['n_train']} images")
     lines = ["", "## Training run (`breastdlr train`)", "",
              f"- Command: `{command}`", f"- Data: {data}",

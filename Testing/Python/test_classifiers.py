@@ -293,3 +293,35 @@ def test_build_classifier_refuses_unknown_arch_and_bad_arguments():
         build_classifier("EmbeddingNet", backbone="vgg16")
     with pytest.raises(ModelBundleError, match="three distinct"):
         build_classifier("ThreePlaneFusion", backbone="resnet18", planes=["a", "a", "b"])
+
+
+def test_vgg_trunk_equals_torchvision_vgg11_features_pooled():
+    from BreastDLRLib.networks.classifiers import VGGTrunk
+
+    torch.manual_seed(0)
+    ref = tv_models.vgg11_bn(weights=None).eval()
+    trunk = VGGTrunk("vgg11_bn").eval()
+    trunk.load_state_dict({k: v for k, v in ref.state_dict().items() if k.startswith("features.")}, strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = ref.features(x).mean(dim=(2, 3))
+        torch.testing.assert_close(trunk(x), want)
+    assert trunk.out_features == 512
+    # Grad-CAM's target is the activation that is pooled: the last ReLU, not in place
+    last = trunk.last_conv_block()
+    assert isinstance(last, nn.ReLU) and not last.inplace and last is list(trunk.features)[-2]
+
+
+def test_embedding_net_on_vgg11_explains_with_grad_cam():
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    net = EmbeddingNet(backbone="vgg11_bn", embedding_dim=16).eval()
+    assert net.config()["arguments"]["backbone"] == "vgg11_bn"
+    x = torch.rand(1, 3, 64, 64)
+    with GradCAM(model=net, target_layers=[net.feature_layers()["image"]]) as cam:
+        heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(1)])
+    assert heat.shape == (1, 64, 64) and np.isfinite(heat).all()
+    with pytest.raises(ModelBundleError, match="not valid"):
+        build_classifier("EmbeddingNet", backbone="vgg13")

@@ -186,3 +186,28 @@ def test_single_class_manifest_is_refused_before_training(manifest, tmp_path, ca
     assert _train("malignancy", "--manifest", str(one), "--out", str(out), *FAST) == 2
     err = capsys.readouterr().err
     assert "both classes" in err and not out.exists() and not (tmp_path / "x-work").exists()
+
+
+@pytest.mark.slow
+def test_yang2024_preset_trains_vgg11_with_an_svm_in_its_last_layer(manifest, tmp_path):
+    """Yang et al. 2024: VGG11 features + SVM.  The bundle is one network whose softmax is the SVM's
+    calibrated probability; the card and manifest say so."""
+    import torch
+
+    out = tmp_path / "yang"
+    assert _train("malignancy", "--manifest", str(manifest), "--out", str(out), "--preset", "yang2024",
+                  "--folds", "2", *FAST) == 0
+    b = open_bundle(out)
+    assert b.manifest["arguments"]["backbone"] == "vgg11_bn"
+    assert "--preset yang2024 --backbone vgg11_bn" in b.manifest["provenance"]["command"]
+    svm = b.manifest["metrics"]["svm_head"]
+    assert svm["kernel"] == "linear" and svm["n_support"] >= 2
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Yang et al. 2024" in card and "VGG11 (with batch normalisation) trunk" in card
+    assert "linear support vector machine" in card
+    net = b.model("cpu")
+    # the negative-class logit is 0: the positive logit alone carries the SVM's decision
+    assert torch.count_nonzero(net.classifier.weight[0]) == 0 and float(net.classifier.bias[0]) == 0.0
+    x = torch.rand(3, 3, 32, 32)
+    p = torch.softmax(net(x), 1)[:, 1]
+    assert torch.all((p > 0) & (p < 1))

@@ -76,3 +76,35 @@ def test_shared_trunk_three_plane_model_is_one_trunk():
     rebuilt.load_state_dict(shared.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), shared(x))
+
+
+def test_svm_head_is_written_exactly_into_the_last_layer():
+    """Yang 2024's SVM on the deep features: after folding, softmax(model(x))[:, 1] equals
+    expit(a * f + b) with f the decision value of scikit-learn's own linear SVC on the standardised
+    embeddings (an independent implementation of the SVM part) and (a, b) the fitted Platt sigmoid."""
+    from scipy.special import expit
+    from sklearn.svm import SVC
+
+    from BreastDLRLib.training.classifier import embeddings_of, fit_svm_head
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    multi = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=8, num_classes=4).eval()
+    x = (rng.random((40, 32, 32)) * 255).astype(np.uint8)
+    x[:20, 8:24, 8:24] = 255                                        # the positives carry a bright square
+    y = np.c_[np.r_[np.ones(20), np.zeros(20)], np.r_[np.zeros(10), np.ones(10), -np.ones(20)]].astype(int)
+    emb = embeddings_of(multi, x, bf16=False)
+    info = fit_svm_head(multi, x, y, ("malignancy", "risk"), bf16=False)
+    probs = predict_probs(multi, x, bf16=False)
+    assert np.allclose(embeddings_of(multi, x, bf16=False), emb)   # only the last layer changed
+    for t, name in enumerate(("malignancy", "risk")):
+        sel = y[:, t] >= 0
+        e = emb[sel]
+        sd = e.std(0)
+        sd[sd < 1e-12] = 1.0
+        z = (e - e.mean(0)) / sd
+        f = SVC(kernel="linear", C=1.0).fit(z, y[sel, t]).decision_function((emb - e.mean(0)) / sd)
+        a, b = info[name]["platt"]
+        np.testing.assert_allclose(probs[:, t], expit(a * f + b), atol=2e-5)
+        assert info[name]["n_train"] == int(sel.sum())
+    assert abs(a) > 1e-3                                            # a fitted, non-degenerate sigmoid
