@@ -184,7 +184,8 @@ class Pipeline:
         size = inp.get("size", 224)
         return {"size": int(size[0] if isinstance(size, (list, tuple)) else size),
                 "margin": float(inp.get("margin", 0.3)), "n_frames": int(inp.get("frames", 1)),
-                "margin_of": str(inp.get("margin_of", "shorter"))}
+                "margin_of": str(inp.get("margin_of", "shorter")),
+                "tta": tuple(inp.get("test_time_augmentation", ()))}
 
     def whole_image_lesion(self, volume: Volume) -> LesionResult:
         """A pseudo-lesion covering the whole image, for classifying an image whose lesion was not found."""
@@ -237,7 +238,7 @@ class Pipeline:
             inputs = {p: torch.from_numpy(np.stack([c.image for c in crops[p]])[:, None].repeat(3, 1)).float().to(self.device)
                       for p in crops}
             frames = inputs if arch == "ThreePlaneFusion" else inputs["transverse"]
-            pred = predict_frames(model, frames, threshold=b.thresholds.get("probability", 0.5))
+            pred = predict_frames(model, frames, threshold=b.thresholds.get("probability", 0.5), tta=spec["tta"])
             lr.probabilities[key] = float(pred.probability)
             lr.frame_probabilities[key] = [float(x) for x in pred.frame_probabilities]
             lr.thresholds[key] = float(b.thresholds.get("probability", 0.5))

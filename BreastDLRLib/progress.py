@@ -22,3 +22,14 @@ def check_cancel(cancel: Optional[CancelCheck]) -> None:
     """Raise :class:`Cancelled` when the caller asked to stop."""
     if cancel is not None and cancel():
         raise Cancelled("Cancelled by the user; no results were written.")
+
+
+def step_bar(total: int, initial: int = 0, desc: str = "train"):
+    """A terminal progress bar over training steps, with rate and ETA (tqdm, on stderr).
+
+    Drawn only when stderr is a terminal (``disable=None``): logs and CI output keep the one-line-per-epoch
+    messages alone.  Call ``update(1)`` per step, ``set_postfix(loss=...)`` as it goes and ``close()`` at the end.
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=None, leave=False, dynamic_ncols=True)

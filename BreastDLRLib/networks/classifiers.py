@@ -375,12 +375,23 @@ def _as_tensor(frames: Any) -> PlaneInput:
     return one(frames)
 
 
+TTA: Tuple[str, ...] = ("hflip",)
+
+
+def _hflip(frames: PlaneInput) -> PlaneInput:
+    """Mirror left-right (the last axis); dict inputs plane by plane."""
+    if isinstance(frames, Mapping):
+        return {p: (None if t is None else torch.flip(t, dims=(-1,))) for p, t in frames.items()}
+    return torch.flip(frames, dims=(-1,))
+
+
 def predict_frames(
     model: nn.Module,
     frames: Any,
     threshold: float = 0.5,
     batch_size: int = 16,
     positive_index: int = 1,
+    tta: Sequence[str] = (),
 ) -> FramePrediction:
     """Probability of the positive class for one lesion seen in several frames.
 
@@ -388,7 +399,15 @@ def predict_frames(
     (N, C, H, W) for :class:`ThreePlaneFusion`.  The model runs in eval mode without gradients (its
     training flag is restored); P = mean over frames of softmax(logits)[positive_index]; malignant when
     P >= threshold.
+
+    ``tta``: test-time augmentation a bundle declares (``input.test_time_augmentation``).  ``"hflip"`` also
+    classifies every frame mirrored left-right (each plane of a dict input mirrored along its width) and
+    takes the mean of the two probabilities as the frame's probability.
     """
+    unknown = [t for t in tta if t not in TTA]
+    if unknown:
+        raise ModelBundleError(f"The model asks for the test-time augmentation {unknown[0]!r}, which this BreastDLR "
+                               f"does not know (known: {', '.join(TTA)}); update BreastDLR or use a matching model.")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     frames = _as_tensor(frames)
@@ -400,7 +419,9 @@ def predict_frames(
         probs = []
         with torch.no_grad():
             for batch in _batches(frames, max(1, int(batch_size))):
-                probs.append(torch.softmax(model(batch).float(), dim=1)[:, positive_index])
+                views = [batch] + [_hflip(batch) for t in tta if t == "hflip"]
+                p = torch.stack([torch.softmax(model(v).float(), dim=1)[:, positive_index] for v in views])
+                probs.append(p.mean(0))
     finally:
         model.train(was_training)
     frame_p = torch.cat(probs).cpu().numpy().astype(np.float64)

@@ -111,7 +111,7 @@ def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path)
         "task": task_text, "architecture": "EmbeddingNet", "arguments": res["arguments"],
         "input": {"size": [cfg["size"], cfg["size"]], "channels": 3, "normalisation": "minmax",
                   "planes": ["transverse"], "margin": cfg["margin"], "margin_of": cfg.get("margin_of", "longer"),
-                  "frames": 1,
+                  "frames": 1, "test_time_augmentation": ["hflip"],
                   "crop": f"square around the lesion's bounding box, margin x its {cfg.get('margin_of', 'longer')} side on each side, isotropic"},
         "labels": labels, "thresholds": {"probability": 0.5},
         "clinical_variables": [],
@@ -139,7 +139,8 @@ bf16 autocast, best validation AUC kept. Weights stored in float16.
 {cfg['folds']}-fold stratified group split held out ({m['val_crops']} crops, {m['val_patients']} patients, {m['val_positives']} positive).
 
 **Metrics (held-out patients of the data at hand).** AUC {m['auc']:.3f} (95 % CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f}, DeLong);
-by dataset {by_ds}; bf16 vs fp32 probabilities differ by at most {m['bf16_vs_fp32_max_abs_diff']:.4f}.
+by dataset {by_ds}; with the left-right mirror averaged in (the test-time augmentation the bundle declares and
+`analyze`/`predict` apply) AUC {m.get('auc_tta_hflip', float('nan')):.3f}; bf16 vs fp32 probabilities differ by at most {m['bf16_vs_fp32_max_abs_diff']:.4f}.
 Best epoch {m['best_epoch']} of {m['epochs_run']}.
 
 **Limits.** Trained from scratch on about two thousand images; the project's quality goal (AUC >= 0.90 on

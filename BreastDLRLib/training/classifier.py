@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..networks.classifiers import build_classifier
+from ..progress import step_bar
 from .augment import ultrasound_augmenter
 from .data import Case, patient_folds, read_manifest_csv
 
@@ -51,7 +52,8 @@ class ClassifierConfig:
     weight_decay: float = 1e-4
     folds: int = 5
     val_fold: int = 0
-    seed: int = 0
+    seed: int = 0                       # initial weights and augmentation (and the split, unless split_seed is set)
+    split_seed: Optional[int] = None    # the patient split's seed, to train ensemble members on one split
     patience: int = 5
     max_minutes: Optional[float] = None
     max_cases: Optional[int] = None
@@ -196,7 +198,8 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
         cases = cases[:: max(1, len(cases) // cfg.max_cases)][: cfg.max_cases]
     x, y, cases = build_crops(cases, cfg.task, cfg.size, cfg.margin, cfg.margin_of,
                               cache=work / f"crops_{cfg.task}_{cfg.size}_{cfg.margin_of}.npz", log=log)
-    folds = patient_folds(cases, cfg.folds, cfg.seed, stratify="label" if "malignancy" in tasks else "birads")
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    folds = patient_folds(cases, cfg.folds, split_seed, stratify="label" if "malignancy" in tasks else "birads")
     tr, va = np.where(folds != cfg.val_fold)[0], np.where(folds == cfg.val_fold)[0]
     assert not ({cases[i].patient_id for i in tr} & {cases[i].patient_id for i in va}), "patient on both sides"
     for t, name in enumerate(tasks):
@@ -230,6 +233,8 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
     aug = augmenter(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     t_start = time.time()
+    per_epoch = sum(1 for s in range(0, len(tr), bs) if len(tr) - s >= 2)
+    bar = step_bar(epochs * per_epoch, start * per_epoch, desc=f"train {cfg.task}")
     for epoch in range(start, epochs):
         model.train()
         te = time.time()
@@ -253,6 +258,8 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}", refresh=False)
         p = predict_probs(model, x[va], cfg.bf16)
         aucs = {name: roc_auc(y[va, t][y[va, t] >= 0], p[y[va, t] >= 0, t]).auc for t, name in enumerate(tasks)}
         auc = float(np.mean(list(aucs.values())))
@@ -275,6 +282,7 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
         if cfg.max_minutes and (time.time() - t_start) / 60 > cfg.max_minutes:
             log("[train] time budget reached")
             break
+    bar.close()
     model.load_state_dict(torch.load(work / f"best_{cfg.task}.pt", weights_only=True))
     model.eval()
     svm: Dict[str, Dict] = {}
@@ -288,6 +296,7 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
     p32 = predict_probs(model, x[va], False)
     p_net = p_before_svm if svm else p32
     p16 = predict_probs(model, x[va], True)
+    p_flip = (p32 + predict_probs(model, np.ascontiguousarray(x[va][:, :, ::-1]), False)) / 2   # + mirror (hflip TTA)
     results = {}
     ds_all = np.array([cases[i].dataset for i in va])
     for t, name in enumerate(tasks):
@@ -301,6 +310,7 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
                    "bf16_vs_fp32_max_abs_diff": float(np.abs(p16[sel, t] - pt).max()),
                    "best_epoch": best_epoch, "epochs_run": len(history),
                    "multitask": list(tasks) if len(tasks) > 1 else None}
+        metrics["auc_tta_hflip"] = roc_auc(yt, p_flip[sel, t]).auc
         if name in svm:
             metrics["svm_head"] = svm[name]
             metrics["auc_before_svm"] = roc_auc(yt, p_net[sel, t]).auc

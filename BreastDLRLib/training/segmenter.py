@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..networks.segmenter import build_segmenter
+from ..progress import step_bar
 from ..segmentation import normalise_intensity
 from .augment import ultrasound_augmenter
 from .data import Case, load_grey, load_mask, patient_folds, read_manifest_csv
@@ -128,6 +129,7 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
     aug = augmenter(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     t_start = time.time()
+    bar = step_bar(cfg.epochs * steps_per_epoch, start_epoch * steps_per_epoch, desc="train segmenter")
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         order = rng.permutation(len(tr))
@@ -148,6 +150,8 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}", refresh=False)
             step = s // cfg.batch_size + 1
             if step % 25 == 0:
                 log(f"[train] epoch {epoch + 1} step {step}/{steps_per_epoch} loss {np.mean(losses[-25:]):.3f} "
@@ -174,6 +178,7 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
         if cfg.max_minutes and (time.time() - t_start) / 60 > cfg.max_minutes:
             log("[train] time budget reached")
             break
+    bar.close()
     model.load_state_dict(torch.load(work / "best.pt", weights_only=True))
     model.eval()
     pred32 = predict_masks(model, xva, cfg.size, False)

@@ -251,6 +251,23 @@ def test_predict_frames_averages_softmax_by_hand():
         predict_frames(model, frames[:0])
 
 
+def test_predict_frames_hflip_tta_by_hand():
+    """The model reads its two logits from the first row's two pixels: mirrored left-right they swap, so the
+    mirrored probability is 1 - p and the TTA mean is exactly 0.5; an unknown TTA is refused."""
+    logits = np.array([[0.0, 2.0], [1.0, -1.0], [-2.0, 0.5]])
+    frames = np.zeros((3, 1, 2, 2), dtype=np.float32)
+    frames[:, 0, 0, :] = logits
+    frames[:, 0, 1, :] = [[5.0, 7.0]] * 3                     # row 1 is ignored by the model
+    model = LogitsFromPixels()
+    plain = predict_frames(model, frames)
+    assert not np.allclose(plain.frame_probabilities, 0.5)
+    pred = predict_frames(model, frames, tta=("hflip",))
+    np.testing.assert_allclose(pred.frame_probabilities, 0.5, rtol=1e-6)
+    assert pred.probability == pytest.approx(0.5)
+    with pytest.raises(ModelBundleError, match="vflip"):
+        predict_frames(model, frames, tta=("vflip",))
+
+
 def test_predict_frames_with_plane_dict(fusion_with_fixed_trunks):
     model, f = fusion_with_fixed_trunks
     frames = {"transverse": torch.randn(2, 3, 64, 64), "sagittal": torch.randn(2, 3, 64, 64)}
