@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from .errors import ModelBundleError
 
@@ -105,7 +105,7 @@ def _builders() -> Dict[str, Callable[..., Any]]:
     try:
         from .networks.classifiers import build_classifier
 
-        for arch in ("ThreePlaneFusion", "EmbeddingNet"):
+        for arch in ("ThreePlaneFusion", "EmbeddingNet", "EnsembleNet"):
             table[arch] = (lambda a: (lambda **kw: build_classifier(a, **kw)))(arch)
     except ImportError:  # pragma: no cover - classifiers are part of the package
         pass
@@ -126,6 +126,8 @@ def build_network(manifest: Dict[str, Any], state: Dict[str, Any]):
     for k, v in list(args.items()):
         if isinstance(v, list):
             args[k] = tuple(v)
+        elif isinstance(v, dict):  # nested arguments (an ensemble's members)
+            args[k] = {kk: tuple(vv) if isinstance(vv, list) else vv for kk, vv in v.items()}
     try:
         net = builders[arch](**args)
     except TypeError as exc:
@@ -205,15 +207,35 @@ def open_bundle(path: os.PathLike, verify: bool = True) -> Bundle:
                 f"The manifest of model '{manifest['name']}' was changed after it was released (its checksum differs "
                 f"from {INDEX}); it is refused. Reinstall the model."
             )
-        wfile = folder / manifest["weights"].get("file", WEIGHTS)
-        if not wfile.is_file():
-            raise ModelBundleError(f"Model '{manifest['name']}': the weights file {wfile.name} is missing; reinstall the model.")
-        if sha256_file(wfile) != manifest["weights"]["sha256"]:
-            raise ModelBundleError(
-                f"Model '{manifest['name']}': the weights file does not match its checksum; it was altered or damaged "
-                "and is refused. Reinstall the model."
-            )
+        for name, sha, _ in weight_files(manifest):
+            wfile = folder / name
+            if not wfile.is_file():
+                raise ModelBundleError(f"Model '{manifest['name']}': the weights file {wfile.name} is missing; reinstall the model.")
+            if sha256_file(wfile) != sha:
+                raise ModelBundleError(
+                    f"Model '{manifest['name']}': the weights file {wfile.name} does not match its checksum; it was altered "
+                    "or damaged and is refused. Reinstall the model."
+                )
     return Bundle(folder, manifest)
+
+
+def weight_files(manifest: Dict[str, Any]) -> List[tuple]:
+    """(file name, sha256, key prefix) of every weights file: the main one, then ``weights.parts``.
+
+    A part holds some of the network's tensors under names without ``prefix`` (an ensemble's second member, say,
+    stored apart so that the first member's file stays as it was released)."""
+    w = manifest["weights"]
+    files = [(str(w.get("file", WEIGHTS)), w["sha256"], str(w.get("prefix", "")))]
+    parts = w.get("parts", [])
+    if not isinstance(parts, list):
+        raise ModelBundleError(f"Model '{manifest.get('name')}': 'weights.parts' must be a list; the bundle is damaged.")
+    for part in parts:
+        if not isinstance(part, dict) or not isinstance(part.get("sha256"), str) or len(part["sha256"]) != 64 \
+                or not isinstance(part.get("file"), str) or "/" in part["file"] or "\\" in part["file"]:
+            raise ModelBundleError(f"Model '{manifest.get('name')}': a weights part lacks its file name or sha256; it "
+                                   "cannot be verified and is refused.")
+        files.append((part["file"], part["sha256"], str(part.get("prefix", ""))))
+    return files
 
 
 def load_weights(bundle: Bundle) -> Dict[str, Any]:
@@ -221,11 +243,19 @@ def load_weights(bundle: Bundle) -> Dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    wfile = bundle.path / bundle.manifest["weights"].get("file", WEIGHTS)
-    try:
-        return load_file(str(wfile))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelBundleError(f"Model '{bundle.name}': the weights cannot be read ({exc}); reinstall the model.") from exc
+    state: Dict[str, Any] = {}
+    for name, _, prefix in weight_files(bundle.manifest):
+        try:
+            tensors = load_file(str(bundle.path / name))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelBundleError(f"Model '{bundle.name}': the weights in {name} cannot be read ({exc}); reinstall the "
+                                   "model.") from exc
+        for k, v in tensors.items():
+            if prefix + k in state:
+                raise ModelBundleError(f"Model '{bundle.name}': the tensor {prefix + k} is stored twice; the bundle is "
+                                       "damaged: reinstall the model.")
+            state[prefix + k] = v
+    return state
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -265,6 +295,53 @@ def save_bundle(
                     "bytes": (tmp / WEIGHTS).stat().st_size}
     m.setdefault("model_card", MODEL_CARD)
     (tmp / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    (tmp / MODEL_CARD).write_text(model_card, encoding="utf-8")
+    _publish(tmp, folder)
+    return open_bundle(folder)
+
+
+def save_ensemble_bundle(folder: os.PathLike, members: Sequence[os.PathLike], manifest: Dict[str, Any],
+                         model_card: str) -> Bundle:
+    """Write an :class:`~BreastDLRLib.networks.classifiers.EnsembleNet` bundle from member bundles.
+
+    Every member is a verified single-network bundle of one architecture and arguments.  Their weights files
+    are copied byte for byte: the first member's becomes ``weights.safetensors`` (prefix ``members.0.``), the
+    others ``member-K.safetensors`` listed in ``weights.parts``, so re-releasing a model as the first member of
+    an ensemble leaves its file unchanged.  ``manifest`` gives everything but the architecture, arguments and
+    weights, which are filled in here.  Atomic like :func:`save_bundle`; returns the verified bundle.
+    """
+    import shutil
+
+    opened = [open_bundle(m) for m in members]
+    if not opened:
+        raise ModelBundleError("An ensemble needs at least one member bundle.")
+    first = opened[0].manifest
+    for b in opened:
+        if b.manifest["architecture"] == "EnsembleNet" or weight_files(b.manifest)[1:] or b.is_head:
+            raise ModelBundleError(f"Model '{b.name}' is not a single network and cannot be an ensemble member.")
+        if (b.manifest["architecture"], b.manifest["arguments"]) != (first["architecture"], first["arguments"]):
+            raise ModelBundleError(f"Model '{b.name}' has another architecture or other arguments than "
+                                   f"'{opened[0].name}'; the members of an ensemble must match.")
+        if b.manifest["input"] != first["input"]:
+            raise ModelBundleError(f"Model '{b.name}' takes another input than '{opened[0].name}'; the members of an "
+                                   "ensemble must match.")
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    files = []
+    for k, b in enumerate(opened):
+        name = WEIGHTS if k == 0 else f"member-{k}.safetensors"
+        shutil.copyfile(b.path / weight_files(b.manifest)[0][0], tmp / name)
+        files.append({"file": name, "sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size,
+                      "prefix": f"members.{k}."})
+    m = dict(manifest)
+    m["format"] = BUNDLE_FORMAT
+    m["architecture"] = "EnsembleNet"
+    m["arguments"] = {"member_architecture": first["architecture"], "member_arguments": first["arguments"],
+                      "n_members": len(opened)}
+    m["weights"] = {**files[0], "dtype": first["weights"].get("dtype", "float16"), "parts": files[1:]}
+    m.setdefault("model_card", MODEL_CARD)
+    (tmp / MANIFEST).write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
     (tmp / MODEL_CARD).write_text(model_card, encoding="utf-8")
     _publish(tmp, folder)
     return open_bundle(folder)

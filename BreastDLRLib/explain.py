@@ -116,7 +116,8 @@ def gradcam_planes(
                 if layer is None or plane not in fixed or not masked.get(plane, True):
                     continue
                 x = fixed[plane].clone().requires_grad_(True)
-                cam = GradCAM(model=_PlaneForward(model, fixed, plane), target_layers=[layer])
+                layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]   # an ensemble: one per member
+                cam = GradCAM(model=_PlaneForward(model, fixed, plane), target_layers=layers)
                 try:
                     res = cam(input_tensor=x, targets=[target] * x.shape[0])
                 finally:

@@ -6,6 +6,7 @@
 * :class:`EmbeddingNet` — Lu et al. 2025: a ResNet (or, for Yang et al. 2024, a VGG11) whose final layer becomes a 128-wide image
   embedding (Linear C → 128, ReLU) followed by a classification layer (128 → classes).  The embedding
   feeds the clinical fusion heads of :mod:`BreastDLRLib.clinical`.
+* :class:`EnsembleNet` — members of one architecture whose class probabilities are averaged.
 * :func:`predict_frames` — per-lesion probability as the mean of the per-frame softmax P(malignant).
 * :func:`build_classifier` — rebuild a network from a bundle manifest's ``architecture``/``arguments``.
 
@@ -334,6 +335,51 @@ class EmbeddingNet(nn.Module):
         }
 
 
+class EnsembleNet(nn.Module):
+    """Several networks of one architecture (trained apart, e.g. with other seeds on the same split), averaged.
+
+    ``softmax(forward(x))`` is the mean of the members' class probabilities (``forward`` returns the log of that
+    mean, so every caller that applies a softmax gets the ensemble's probability).  ``embed`` concatenates the
+    members' embeddings; ``feature_layers`` lists every member's Grad-CAM target for each key, and Grad-CAM over
+    several target layers averages their maps.
+    """
+
+    def __init__(self, member_architecture: str = "EmbeddingNet", member_arguments: Optional[Mapping[str, Any]] = None,
+                 n_members: int = 2) -> None:
+        super().__init__()
+        if member_architecture == "EnsembleNet" or member_architecture not in ARCHITECTURES:
+            raise ValueError(f"an ensemble's members must be one of {', '.join(a for a in ARCHITECTURES if a != 'EnsembleNet')}, "
+                             f"got {member_architecture!r}")
+        if int(n_members) < 1:
+            raise ValueError(f"an ensemble needs at least one member, got {n_members}")
+        self.member_architecture = member_architecture
+        self.member_arguments = dict(member_arguments or {})
+        self.members = nn.ModuleList([build_classifier(member_architecture, **self.member_arguments)
+                                      for _ in range(int(n_members))])
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """(B, classes): log of the mean of the members' softmax probabilities."""
+        p = torch.stack([torch.softmax(m(x, *args, **kwargs).float(), dim=1) for m in self.members]).mean(0)
+        return torch.log(p.clamp_min(1e-12))
+
+    def embed(self, x: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The members' embeddings side by side (B, n_members x embedding width)."""
+        return torch.cat([m.embed(x, *args, **kwargs) for m in self.members], dim=1)
+
+    def feature_layers(self) -> Dict[str, list]:
+        """key → [each member's target layer for that key]."""
+        out: Dict[str, list] = {}
+        for m in self.members:
+            for k, layer in m.feature_layers().items():
+                out.setdefault(k, []).append(layer)
+        return out
+
+    def config(self) -> Dict[str, Any]:
+        return {"architecture": "EnsembleNet",
+                "arguments": {"member_architecture": self.member_architecture,
+                              "member_arguments": dict(self.member_arguments), "n_members": len(self.members)}}
+
+
 # ---------------------------------------------------------------------------- inference helpers
 @dataclass
 class FramePrediction:
@@ -433,6 +479,7 @@ def predict_frames(
 ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {
     "ThreePlaneFusion": ThreePlaneFusion,
     "EmbeddingNet": EmbeddingNet,
+    "EnsembleNet": EnsembleNet,
 }
 
 

@@ -132,3 +132,64 @@ def test_list_bundles_finds_extra_dirs(bundle_dir):
     assert found and found[0]["role"] == "malignancy"
     shutil.rmtree(path)
     assert not [b for b in list_bundles([path.parent]) if b["path"] == str(path)]
+
+
+def _member(folder, seed):
+    torch.manual_seed(seed)
+    net = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=8).eval()
+    b = save_bundle(folder, net, {**COMMON, "name": folder.name, "role": "malignancy", "architecture": "EmbeddingNet",
+                                  "arguments": {"backbone": "resnet18", "embedding_dim": 8}}, "card", half=True)
+    return b, net
+
+
+def test_ensemble_bundle_averages_its_members_and_keeps_the_first_file(tmp_path):
+    from BreastDLRLib.bundles import save_ensemble_bundle
+
+    (b0, n0), (b1, n1) = _member(tmp_path / "m0", 0), _member(tmp_path / "m1", 1)
+    first_bytes = (b0.path / "weights.safetensors").read_bytes()
+    ens = save_ensemble_bundle(tmp_path / "ens", [b0.path, b1.path],
+                               {**COMMON, "name": "ens", "role": "malignancy"}, "ensemble card")
+    assert (ens.path / "weights.safetensors").read_bytes() == first_bytes       # byte for byte
+    assert [p["file"] for p in ens.manifest["weights"]["parts"]] == ["member-1.safetensors"]
+    assert ens.manifest["arguments"] == {"member_architecture": "EmbeddingNet",
+                                         "member_arguments": {"backbone": "resnet18", "embedding_dim": 8}, "n_members": 2}
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        p = torch.softmax(ens.model()(x), 1)
+        want = (torch.softmax(b0.model()(x), 1) + torch.softmax(b1.model()(x), 1)) / 2
+        torch.testing.assert_close(p, want, atol=1e-6, rtol=1e-5)
+        assert ens.model().embed(x).shape == (3, 16)
+    assert len(ens.model().feature_layers()["image"]) == 2
+
+
+def test_ensemble_bundle_refuses_a_tampered_or_missing_part(tmp_path):
+    from BreastDLRLib.bundles import save_ensemble_bundle
+
+    (b0, _), (b1, _) = _member(tmp_path / "m0", 0), _member(tmp_path / "m1", 1)
+    ens = save_ensemble_bundle(tmp_path / "ens", [b0.path, b1.path], {**COMMON, "name": "ens", "role": "malignancy"}, "c")
+    part = ens.path / "member-1.safetensors"
+    data = bytearray(part.read_bytes())
+    data[-1] ^= 0xFF
+    part.write_bytes(bytes(data))
+    with pytest.raises(ModelBundleError, match="member-1.safetensors does not match its checksum"):
+        open_bundle(ens.path)
+    part.unlink()
+    with pytest.raises(ModelBundleError, match="member-1.safetensors is missing"):
+        open_bundle(ens.path)
+    m = json.loads((ens.path / "manifest.json").read_text())
+    m["weights"]["parts"] = [{"file": "../m1/weights.safetensors", "sha256": "0" * 64}]
+    (ens.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelBundleError, match="cannot be verified"):
+        open_bundle(ens.path)
+
+
+def test_ensemble_members_must_match(tmp_path):
+    from BreastDLRLib.bundles import save_ensemble_bundle
+
+    b0, _ = _member(tmp_path / "m0", 0)
+    other = save_bundle(tmp_path / "m1", build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=4),
+                        {**COMMON, "name": "m1", "role": "malignancy", "architecture": "EmbeddingNet",
+                         "arguments": {"backbone": "resnet18", "embedding_dim": 4}}, "card")
+    with pytest.raises(ModelBundleError, match="must match"):
+        save_ensemble_bundle(tmp_path / "ens", [b0.path, other.path], {**COMMON, "name": "e", "role": "malignancy"}, "c")
+    assert not (tmp_path / "ens").exists()
