@@ -322,7 +322,8 @@ def save_ensemble_bundle(folder: os.PathLike, members: Sequence[os.PathLike], ma
         if (b.manifest["architecture"], b.manifest["arguments"]) != (first["architecture"], first["arguments"]):
             raise ModelBundleError(f"Model '{b.name}' has another architecture or other arguments than "
                                    f"'{opened[0].name}'; the members of an ensemble must match.")
-        if b.manifest["input"] != first["input"]:
+        same_crops = lambda inp: {k: v for k, v in inp.items() if k != "test_time_augmentation"}  # noqa: E731
+        if same_crops(b.manifest["input"]) != same_crops(first["input"]):
             raise ModelBundleError(f"Model '{b.name}' takes another input than '{opened[0].name}'; the members of an "
                                    "ensemble must match.")
     folder = Path(folder)

@@ -63,11 +63,29 @@ class SegmentationResult:
     precision: str = "fp32"
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX).
+
+    Without it, bf16 autocast is emulated and much slower than fp32 (measured on a 2-core AVX2 AMD EPYC: 8.0 s
+    against 0.75 s for 16 slices of 128x128 through the segmenter), so bf16 is only used where this is true.
+    ``BREASTDLR_BF16=0`` or ``=1`` overrides the detection."""
+    import os
+
+    forced = os.environ.get("BREASTDLR_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # pragma: no cover - older torch: stay on the safe (fp32) side
+        return False
+
+
 class SliceSegmenter:
     """Runs a 2D segmentation network over every slice of a volume.
 
     ``bf16=None`` follows the bundle's manifest (``inference.bf16_cpu``), which is set only where agreement with
-    fp32 was measured (see the model card); ``True``/``False`` force it.  bf16 is never used on the GPU path
+    fp32 was measured (see the model card), on CPUs with native bf16 (:func:`cpu_has_fast_bf16`);
+    ``True``/``False`` force it.  bf16 is never used on the GPU path
     here (fp32 there), so CPU and GPU agree within the tolerance the tests state.
     """
 
@@ -85,7 +103,7 @@ class SliceSegmenter:
         inp = bundle.input
         dev = resolve_device(device)
         if bf16 is None:
-            bf16 = bool(bundle.manifest.get("inference", {}).get("bf16_cpu", False))
+            bf16 = bool(bundle.manifest.get("inference", {}).get("bf16_cpu", False)) and cpu_has_fast_bf16()
         size = inp["size"][0] if isinstance(inp.get("size"), (list, tuple)) else int(inp.get("size", 256))
         return cls(bundle.model(str(dev)), size=size, normalisation=inp.get("normalisation", "zscore"),
                    device=dev, batch_size=batch_size, bf16=bf16)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..networks.classifiers import build_classifier
 from ..progress import step_bar
+from ..segmentation import cpu_has_fast_bf16
 from .augment import ultrasound_augmenter
 from .data import Case, patient_folds, read_manifest_csv
 
@@ -188,6 +189,9 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
     bs = cfg.batch_size or preset["batch_size"]
     lr = cfg.lr or preset["lr"]
     torch.manual_seed(cfg.seed)
+    if cfg.bf16 and not cpu_has_fast_bf16():
+        log("[train] this CPU has no native bf16 (emulated bf16 is several times slower): training in fp32")
+        cfg = replace(cfg, bf16=False)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     work = Path(work_dir)

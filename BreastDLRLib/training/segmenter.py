@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..networks.segmenter import build_segmenter
 from ..progress import step_bar
+from ..segmentation import cpu_has_fast_bf16
 from ..segmentation import normalise_intensity
 from .augment import ultrasound_augmenter
 from .data import Case, load_grey, load_mask, patient_folds, read_manifest_csv
@@ -86,6 +87,9 @@ def predict_masks(model, imgs: np.ndarray, size: int, bf16: bool, batch: int = 3
 def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterConfig = SegmenterConfig(),
                     work_dir: Optional[str | Path] = None, log=print) -> Dict:
     torch.manual_seed(cfg.seed)
+    if cfg.bf16 and not cpu_has_fast_bf16():
+        log("[train] this CPU has no native bf16 (emulated bf16 is several times slower): training in fp32")
+        cfg = replace(cfg, bf16=False)
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
