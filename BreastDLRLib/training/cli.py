@@ -61,6 +61,9 @@ def register(sub) -> None:
     g.add_argument("--cv", action="store_true", help="train every fold; cv_metrics.json in the bundle; "
                                                      "the bundle's weights are the fold-0 model")
     t.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the augmentation")
+    t.add_argument("--split-seed", type=int, default=None,
+                   help="classifiers: seed of the patient split alone (default: --seed); members of an ensemble "
+                        "are trained with other --seed values and one --split-seed (scripts/make_ensemble.py)")
     t.add_argument("--size", type=int, help="input size in pixels (default: 128 for the segmenter and the classifiers)")
     t.add_argument("--backbone", choices=("resnet50", "resnet18", "vgg11_bn"), default=None,
                    help="classifiers: the trunk (default: the preset's; resnet50, vgg11_bn for yang2024)")
@@ -95,7 +98,8 @@ def make_config(a: argparse.Namespace):
     if a.task == "segmenter":
         from .segmenter import SegmenterConfig
 
-        extra = [n for n, v in (("--preset", a.preset), ("--backbone", a.backbone)) if v is not None]
+        extra = [n for n, v in (("--preset", a.preset), ("--backbone", a.backbone), ("--split-seed", a.split_seed))
+                 if v is not None]
         if extra:
             verb = "apply" if len(extra) > 1 else "applies"
             raise InputError(f"{' and '.join(extra)} {verb} to the malignancy and risk classifiers only; the "
@@ -113,7 +117,8 @@ def make_config(a: argparse.Namespace):
                             size=a.size or base.size,
                             preset=preset, epochs=a.epochs or PRESETS[preset]["epochs"],
                             batch_size=a.batch_size or PRESETS[preset]["batch_size"], lr=a.lr or PRESETS[preset]["lr"],
-                            folds=a.folds, val_fold=a.val_fold, seed=a.seed, max_minutes=a.max_minutes,
+                            folds=a.folds, val_fold=a.val_fold, seed=a.seed, split_seed=a.split_seed,
+                            max_minutes=a.max_minutes,
                             max_cases=a.max_cases, threads=a.threads)
 
 
@@ -343,7 +348,8 @@ def check_trainable(task: str, cases: List[Case], cfg, val_folds: Sequence[int])
         raise InputError(f"The {task} classifier needs images of both classes in the column {column}, each with a "
                          f"lesion mask; the manifest has {int(labels.sum())} positive and {int((labels == 0).sum())} "
                          "negative usable images.")
-    folds = patient_folds(usable, cfg.folds, cfg.seed, stratify="label" if task == "malignancy" else "birads")
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    folds = patient_folds(usable, cfg.folds, split_seed, stratify="label" if task == "malignancy" else "birads")
     for k in val_folds:
         if len(set(labels[folds == k].tolist())) < 2:
             raise InputError(f"With {cfg.folds} folds, fold {k} would hold out no image of one class; use fewer "
@@ -442,7 +448,7 @@ def write_bundle(task: str, manifest: Path, out: Path, cases: Sequence[Case], re
     man["default"] = False   # a researcher's model: pass it with --model; the shipped models stay the defaults
     man["provenance"] = dict(man["provenance"], data=data, command=command,
                              split=f"patient-level stratified group {res['config']['folds']}-fold, seed "
-                                   f"{res['config']['seed']}, validation fold {final_fold}")
+                                   f"{_split_seed(res['config'])}, validation fold {final_fold}")
     man["metrics"] = _plain(man["metrics"], nan_to_none=True)
     if cv_doc is not None:
         man["metrics"]["cross_validation"] = _plain(cv_doc["summary"], nan_to_none=True)
@@ -479,6 +485,8 @@ def command_line(task: str, manifest: Path, out: Path, config: Dict[str, Any], c
         args += ["--preset", config["preset"], "--backbone", config["backbone"]]
     args += ["--epochs", config["epochs"], "--batch-size", config["batch_size"], "--lr", config["lr"],
              "--size", config["size"], "--folds", config["folds"], "--seed", config["seed"]]
+    if config.get("split_seed") is not None:
+        args += ["--split-seed", config["split_seed"]]
     args += ["--cv"] if cv else ["--val-fold", config["val_fold"]]
     cap = config.get("max_cases") or config.get("max_train_cases")
     if cap:
@@ -514,7 +522,7 @@ def adapt_card(card: str, res: Dict[str, Any], data: str, old_command: str, comm
         card = card.replace("about two thousand images", f"{res['n_train']} images")
     lines = ["", "## Training run (`breastdlr train`)", "",
              f"- Command: `{command}`", f"- Data: {data}",
-             f"- Split: patient-level stratified group {cfg['folds']}-fold (seed {cfg['seed']}); validation fold "
+             f"- Split: patient-level stratified group {cfg['folds']}-fold (seed {_split_seed(cfg)}); validation fold "
              f"{cfg['val_fold']}; no patient has images on both sides.",
              f"- Training images: {res['n_train']} ({res['n_train_patients']} patients); validation images: "
              f"{len(res['val_case_ids'])}."]
@@ -534,6 +542,11 @@ def adapt_card(card: str, res: Dict[str, Any], data: str, old_command: str, comm
         lines.append("- The weights of this bundle are the fold-0 model; the other folds' models only measure "
                      "the variability (see cv_metrics.json).")
     return card.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+
+
+def _split_seed(config: Dict[str, Any]) -> int:
+    """The seed of a run's patient split (``split_seed``, else ``seed``)."""
+    return config["seed"] if config.get("split_seed") is None else config["split_seed"]
 
 
 def _fmt(x: Optional[float]) -> str:

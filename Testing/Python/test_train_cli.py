@@ -211,3 +211,54 @@ def test_yang2024_preset_trains_vgg11_with_an_svm_in_its_last_layer(manifest, tm
     x = torch.rand(3, 3, 32, 32)
     p = torch.softmax(net(x), 1)[:, 1]
     assert torch.all((p > 0) & (p < 1))
+
+
+@pytest.mark.slow
+def test_make_ensemble_of_two_members_on_one_split(manifest, tmp_path, capsys):
+    """Two members (other --seed, one --split-seed) made one ensemble bundle by scripts/make_ensemble.py: the
+    first member's file is kept byte for byte, and the AUC it records is recomputed here from the members."""
+    import runpy
+    import sys
+
+    import torch
+
+    members = []
+    for seed in (0, 1):
+        out = tmp_path / f"member{seed}"
+        assert _train("malignancy", "--manifest", str(manifest), "--out", str(out), "--backbone", "resnet18",
+                      "--folds", "2", "--seed", str(seed), "--split-seed", "0", *FAST) == 0
+        assert "--split-seed 0" in open_bundle(out).manifest["provenance"]["command"]
+        members.append(out)
+    capsys.readouterr()
+    first_bytes = (members[0] / "weights.safetensors").read_bytes()
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_ensemble.py"
+    argv = sys.argv
+    sys.argv = [str(script), "--manifest", str(manifest), "--task", "malignancy", "--members", *map(str, members),
+                "--out", str(tmp_path / "ens"), "--work", str(tmp_path / "work")]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    ens = open_bundle(tmp_path / "ens")
+    assert ens.manifest["architecture"] == "EnsembleNet" and ens.manifest["arguments"]["n_members"] == 2
+    assert (ens.path / "weights.safetensors").read_bytes() == first_bytes
+    assert ens.manifest["input"]["test_time_augmentation"] == ["hflip"]
+    assert "ensemble of 2" in (ens.path / "MODEL_CARD.md").read_text()
+    # recompute: the held-out crops of fold 0, each member with its mirror, averaged
+    from BreastDLRLib.training.classifier import build_crops, predict_probs
+
+    usable = _labelled(manifest)
+    x, y, kept = build_crops(usable, "malignancy", 32, 0.3, "longer")
+    folds = patient_folds(kept, 2, 0, stratify="label")
+    va = np.where(folds == 0)[0]
+    probs = []
+    for m in members:
+        net = open_bundle(m).model()
+        probs.append((predict_probs(net, x[va], False)[:, 0] + predict_probs(net, x[va][:, :, ::-1].copy(), False)[:, 0]) / 2)
+    want = roc_auc(y[va, 0], np.mean(probs, 0)).auc
+    assert ens.manifest["metrics"]["auc"] == pytest.approx(want, abs=1e-9)
+    with torch.no_grad():                                   # and the bundle's own network gives those probabilities
+        t = torch.from_numpy(x[va][:2]).float().div(255).unsqueeze(1).repeat(1, 3, 1, 1)
+        p_net = torch.softmax(ens.model()(t), 1)[:, 1].numpy()
+    p_plain = np.mean([predict_probs(open_bundle(m).model(), x[va][:2], False)[:, 0] for m in members], 0)
+    np.testing.assert_allclose(p_net, p_plain, atol=1e-5)

@@ -1,0 +1,160 @@
+"""Make a lesion classifier bundle an ensemble of members trained on one patient split, and measure it.
+
+    .venv/bin/python scripts/make_ensemble.py --manifest ../shared/data/breast-us/manifest.csv \
+        --task malignancy --members Resources/Models/breastdlr-malignancy-2d runs/member2/breastdlr-malignancy-2d \
+        --out Resources/Models/breastdlr-malignancy-2d --work runs/ensemble
+
+Every member must be a single-network bundle written by ``scripts/train_classifier.py`` (or ``breastdlr train``)
+with the same architecture, input, patient split (folds, validation fold, split seed) and task.  The held-out
+fold of that split is cut again with the product's own crop function, each member and the ensemble (mean of
+the members' probabilities, with the left-right mirror averaged in, as the bundle declares) are measured on
+it, and DeLong's test compares the ensemble with the first member.  The bundle is written with
+:func:`BreastDLRLib.bundles.save_ensemble_bundle` (the first member's weights file is kept byte for byte);
+``<work>/val_<task>.npz`` gets the ensemble's held-out probabilities for ``train_fusion.py`` and
+``restratification.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from BreastDLRLib import __version__  # noqa: E402
+from BreastDLRLib.bundles import open_bundle, save_ensemble_bundle  # noqa: E402
+from BreastDLRLib.evaluation import delong_test, roc_auc  # noqa: E402
+from BreastDLRLib.training.classifier import build_crops, label_of, predict_probs, tasks_of  # noqa: E402
+from BreastDLRLib.training.data import patient_folds, read_manifest_csv  # noqa: E402
+
+def split_of(manifest: dict) -> dict:
+    """What members must share: the crops they see (from the manifest's input) and the patient split."""
+    cfg, inp = manifest["provenance"]["config"], manifest["input"]
+    seed = cfg.get("split_seed")
+    return {"folds": cfg["folds"], "val_fold": cfg["val_fold"], "split_seed": cfg["seed"] if seed is None else seed,
+            "size": int(inp["size"][0]), "margin": float(inp["margin"]), "margin_of": inp.get("margin_of", "shorter"),
+            "task": cfg.get("task"), "joint": tuple(manifest["metrics"].get("multitask") or ())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--task", required=True, choices=("malignancy", "risk"))
+    ap.add_argument("--members", nargs="+", required=True, help="member bundle folders (the first one's file is kept)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="runs/ensemble")
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args()
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    members = [open_bundle(m) for m in a.members]
+    splits = [split_of(b.manifest) for b in members]
+    if any(s != splits[0] for s in splits):
+        sys.exit(f"make_ensemble: the members were not trained on one split and task: {splits}")
+    sp = splits[0]
+    if sp["task"] != a.task:
+        sys.exit(f"make_ensemble: the members are {sp['task']} models, not {a.task}")
+    # the cases and split of train_classifier (a joint run splits the cases that have any of its labels)
+    run_task = "both" if set(sp["joint"]) == {"malignancy", "risk"} else a.task
+    cases = [c for c in read_manifest_csv(a.manifest) if any(label_of(c, t) is not None for t in tasks_of(run_task))]
+    work = Path(a.work)
+    x, y, cases = build_crops(cases, run_task, sp["size"], sp["margin"], sp["margin_of"],
+                              cache=work / f"crops_{run_task}_{sp['size']}_{sp['margin_of']}.npz")
+    folds = patient_folds(cases, sp["folds"], sp["split_seed"],
+                          stratify="label" if "malignancy" in tasks_of(run_task) else "birads")
+    va = np.where(folds == sp["val_fold"])[0]
+    col = tasks_of(run_task).index(a.task)
+    sel = y[va, col] >= 0
+    va, yv = va[sel], y[va, col][sel]
+    n_expected = members[0].manifest["metrics"].get("val_crops")
+    if n_expected is not None and n_expected != len(va):
+        sys.exit(f"make_ensemble: {len(va)} held-out crops here, {n_expected} when the members were trained: "
+                 "the data or the split differ")
+    xv = x[va]
+    flipped = np.ascontiguousarray(xv[:, :, ::-1])
+    per_member, plain = [], []
+    for b in members:
+        net = b.model("cpu")
+        p0 = predict_probs(net, xv, bf16=False)[:, 0]
+        p1 = predict_probs(net, flipped, bf16=False)[:, 0]
+        plain.append(p0)
+        per_member.append((p0 + p1) / 2)
+    p_ens, p_ens_plain = np.mean(per_member, 0), np.mean(plain, 0)
+    ds = np.array([cases[i].dataset for i in va])
+    auc = roc_auc(yv, p_ens)
+    metrics = dict(members[0].manifest["metrics"])
+    for k in ("auc", "auc_ci95", "auc_by_dataset", "auc_tta_hflip", "bf16_vs_fp32_max_abs_diff", "best_epoch",
+              "epochs_run"):
+        metrics.pop(k, None)
+    metrics.update({
+        "auc": auc.auc, "auc_ci95": [auc.ci_low, auc.ci_high], "auc_without_tta": roc_auc(yv, p_ens_plain).auc,
+        "auc_by_dataset": {d: roc_auc(yv[ds == d], p_ens[ds == d]).auc for d in sorted(set(ds))
+                           if len(set(yv[ds == d])) == 2},
+        "members": [{"name": b.name, "weights_sha256": b.manifest["weights"]["sha256"],
+                     "seed": b.manifest["provenance"]["config"]["seed"],
+                     "auc": roc_auc(yv, p).auc, "auc_tta_hflip": roc_auc(yv, q).auc,
+                     "best_epoch": b.manifest["metrics"].get("best_epoch"),
+                     "epochs_run": b.manifest["metrics"].get("epochs_run")}
+                    for b, p, q in zip(members, plain, per_member)],
+        "delong_ensemble_vs_first_member": delong_test(yv, p_ens, plain[0]).p_value,
+    })
+    first = members[0].manifest
+    manifest = {k: v for k, v in first.items() if k not in ("architecture", "arguments", "weights", "format")}
+    manifest["version"] = __version__
+    manifest["input"] = {**first["input"], "test_time_augmentation": ["hflip"]}
+    manifest["metrics"] = metrics
+    manifest["provenance"] = {**first["provenance"], "ensembled": dt.date.today().isoformat(),
+                              "ensemble_command": "python scripts/make_ensemble.py --task " + a.task + " --members "
+                              + " ".join(Path(m).name for m in a.members),
+                              "member_configs": [b.manifest["provenance"]["config"] for b in members]}
+    card = ensemble_card(members, manifest, a.task, len(va))
+    out = save_ensemble_bundle(a.out, [b.path for b in members], manifest, card)
+    np.savez(work / f"val_{a.task}.npz", probs=p_ens, labels=yv, case_id=np.array([cases[i].case_id for i in va]))
+    print(json.dumps({"bundle": str(out.path), **{k: metrics[k] for k in
+                      ("auc", "auc_ci95", "auc_without_tta", "auc_by_dataset", "members",
+                       "delong_ensemble_vs_first_member")}}, indent=1))
+
+
+def ensemble_card(members, manifest: dict, task: str, n_val: int) -> str:
+    """The first member's card with the ensemble's description and metrics in front."""
+    m = manifest["metrics"]
+    first_card = (members[0].path / members[0].manifest.get("model_card", "MODEL_CARD.md")).read_text(encoding="utf-8")
+    body = first_card.split("\n", 1)[1] if first_card.startswith("# ") else first_card
+    rows = "\n".join(f"| {k + 1} | seed {mm['seed']} | {mm['auc']:.3f} | {mm['auc_tta_hflip']:.3f} | "
+                     f"{mm['best_epoch']} of {mm['epochs_run']} |" for k, mm in enumerate(m["members"]))
+    by_ds = ", ".join(f"{d} {v:.3f}" for d, v in m["auc_by_dataset"].items())
+    goal = "met" if m["auc"] >= 0.9 else "NOT met"
+    return f"""# Model card: {manifest['name']} (ensemble of {len(members)})
+
+**Intended use.** {manifest['intended_use']}
+
+**What it is.** An ensemble (`EnsembleNet`) of {len(members)} networks of the same design, trained separately with
+different seeds on the same patient split; its probability is the mean of the members' probabilities, each averaged
+over the crop and its left-right mirror (test-time augmentation, declared in the manifest and applied by `analyze` and
+`predict`). Grad-CAM averages the members' maps. The member design is described below.
+
+**Metrics (held-out patients of the data at hand: {n_val} crops of the validation fold none of the members saw).**
+AUC {m['auc']:.3f} (95 % CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f}, DeLong); without the mirror
+{m['auc_without_tta']:.3f}; by dataset {by_ds}. DeLong's test against the first member alone: p = {m['delong_ensemble_vs_first_member']:.3f}.
+The project's quality goal (AUC >= 0.90 on unseen patients) is {goal} on this fold; the fold is one of five, and the
+held-back patients of the datasets have not been measured here.
+
+| member | initialisation | AUC | AUC with mirror | best epoch |
+|---|---|---|---|---|
+{rows}
+
+**Rebuild.** Train each member (`python scripts/train_classifier.py --manifest <breast-us>/manifest.csv --task both
+--seed S --split-seed 0 --out <dir>`), then `{manifest['provenance']['ensemble_command']}` (see scripts/retrain_models.sh).
+
+## The members (card of the first member)
+{body}"""
+
+
+if __name__ == "__main__":
+    main()
