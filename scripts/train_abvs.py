@@ -28,9 +28,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     init = open_bundle(a.init)
+    args, state = init.manifest["arguments"], load_weights(init)
+    if init.manifest["architecture"] == "EnsembleNet":   # an ensemble: its first member initialises the branches
+        args = args["member_arguments"]
+        state = {k[len("members.0."):]: v for k, v in state.items() if k.startswith("members.0.")}
     cfg = AbvsConfig(n_volumes=a.n_volumes, epochs=a.epochs, seed=a.seed, size=int(init.input["size"][0]),
-                     backbone=init.manifest["arguments"]["backbone"])
-    res = train_abvs(cfg, load_weights(init), log=lambda m: print(m, flush=True))
+                     backbone=args["backbone"])
+    res = train_abvs(cfg, state, log=lambda m: print(m, flush=True))
     m = res["metrics"]
     cmd = f"python scripts/train_abvs.py --init Resources/Models/{init.name} --out Resources/Models/breastdlr-abvs-threeplane"
     manifest = {

@@ -122,6 +122,9 @@ def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path)
         "intended_use": INTENDED_USE,
     }
     by_ds = json.dumps({k: round(v, 3) for k, v in m["auc_by_dataset"].items()})
+    diff = m.get("bf16_vs_fp32_max_abs_diff")
+    bf16_text = ("bf16 not measured (trained on a CPU without native bf16, in fp32)" if diff is None else
+                 f"bf16 vs fp32 probabilities differ by at most {diff:.4f}")
     card = f"""# Model card: {name}
 
 **Intended use.** {INTENDED_USE}
@@ -133,14 +136,14 @@ ImageNet weights) whose classifier is fc → 128 (the image embedding) → 2. In
 `BreastDLRLib.planes.crop_planes` around the lesion's bounding box (margin {cfg['margin']} of its {cfg.get('margin_of', 'longer')} side on each side),
 isotropic, {cfg['size']}x{cfg['size']} pixels (smaller than the papers' 224 so that it trains on a 2-core CPU), min-max normalised.
 {"Trained jointly with the " + " and ".join(joint) + " heads on one shared trunk and embedding (two outputs per task), " if joint else ""}Training: preset `{cfg['preset']}`, class-balanced cross-entropy, MONAI augmentation (flip, affine, gamma, gain),
-bf16 autocast, best validation AUC kept. Weights stored in float16.
+{'bf16 autocast' if cfg.get('bf16', True) else 'fp32'}, best validation AUC kept. Weights stored in float16.
 {head_text}
 **Data.** {res['n_train']} training crops from {DATA_CITATION}. Patient-level split: one fold of a
 {cfg['folds']}-fold stratified group split held out ({m['val_crops']} crops, {m['val_patients']} patients, {m['val_positives']} positive).
 
 **Metrics (held-out patients of the data at hand).** AUC {m['auc']:.3f} (95 % CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f}, DeLong);
 by dataset {by_ds}; with the left-right mirror averaged in (the test-time augmentation the bundle declares and
-`analyze`/`predict` apply) AUC {m.get('auc_tta_hflip', float('nan')):.3f}; bf16 vs fp32 probabilities differ by at most {m['bf16_vs_fp32_max_abs_diff']:.4f}.
+`analyze`/`predict` apply) AUC {m.get('auc_tta_hflip', float('nan')):.3f}; {bf16_text}.
 Best epoch {m['best_epoch']} of {m['epochs_run']}.
 
 **Limits.** Trained from scratch on about two thousand images; the project's quality goal (AUC >= 0.90 on
