@@ -431,6 +431,15 @@ def _hflip(frames: PlaneInput) -> PlaneInput:
     return torch.flip(frames, dims=(-1,))
 
 
+def _cat_views(views: Sequence[PlaneInput]) -> PlaneInput:
+    """Several inputs of one layout as one batch (dicts plane by plane)."""
+    if len(views) == 1:
+        return views[0]
+    if isinstance(views[0], Mapping):
+        return {p: (None if views[0][p] is None else torch.cat([v[p] for v in views])) for p in views[0]}
+    return torch.cat(list(views))
+
+
 def predict_frames(
     model: nn.Module,
     frames: Any,
@@ -466,8 +475,9 @@ def predict_frames(
         with torch.no_grad():
             for batch in _batches(frames, max(1, int(batch_size))):
                 views = [batch] + [_hflip(batch) for t in tta if t == "hflip"]
-                p = torch.stack([torch.softmax(model(v).float(), dim=1)[:, positive_index] for v in views])
-                probs.append(p.mean(0))
+                n = _n_frames(batch)
+                p = torch.softmax(model(_cat_views(views)).float(), dim=1)[:, positive_index]   # one call for all views
+                probs.append(p.view(len(views), n).mean(0))
     finally:
         model.train(was_training)
     frame_p = torch.cat(probs).cpu().numpy().astype(np.float64)
