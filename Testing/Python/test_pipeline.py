@@ -188,3 +188,34 @@ def test_a_rerun_leaves_no_stale_results_and_keeps_other_files(pipe, tmp_path):
     assert not (out / "lesion7_transverse_crop.png").exists()
     assert (out / "notes.txt").read_text() == "mine"
     assert (out / "lesion1_transverse_crop.png").is_file()
+
+
+def test_an_ensemble_with_mirror_tta_through_the_pipeline(tiny_bundles, tmp_path):
+    """An ensemble bundle (two tiny members, mirror TTA declared) in the one pipeline: its probability is the
+    mean over members and mirror computed here by hand, and Grad-CAM paints a finite heatmap."""
+    import torch
+
+    from BreastDLRLib.bundles import open_bundle, save_bundle, save_ensemble_bundle
+    from BreastDLRLib.networks.classifiers import build_classifier
+    from BreastDLRLib.planes import crop_planes
+
+    first = open_bundle(tiny_bundles["malignancy"])
+    torch.manual_seed(7)
+    other = save_bundle(tmp_path / "m1", build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=16),
+                        {k: v for k, v in first.manifest.items() if k not in ("weights", "format")}, "card")
+    ens = save_ensemble_bundle(tmp_path / "ens", [first.path, other.path],
+                               {**{k: v for k, v in first.manifest.items() if k not in ("weights", "format")},
+                                "input": {**first.input, "test_time_augmentation": ["hflip"]}}, "card")
+    pipe = Pipeline.from_paths([str(tiny_bundles["segmenter"]), str(ens.path)], device="cpu")
+    case = make_image(seed=3)
+    res = pipe.analyze(case.image)
+    lr = res.lesions[0]
+    crops = crop_planes(case.image, lr.lesion.bbox_kji, lr.lesion.centre_kji, size=64, margin=0.3,
+                        margin_of="shorter", mask=lr.lesion.mask, planes=("transverse",))
+    x = torch.from_numpy(np.stack([c.image for c in crops["transverse"]])[:, None].repeat(3, 1)).float()
+    with torch.no_grad():
+        want = np.mean([torch.softmax(m.model()(v), 1)[:, 1].mean().item()
+                        for m in (first, other) for v in (x, torch.flip(x, dims=(-1,)))])
+    assert lr.probabilities["malignancy"] == pytest.approx(want, abs=1e-5)
+    assert res.heatmap is not None and np.isfinite(res.heatmap.array).all() and res.heatmap.array.max() > 0
+    assert {m["name"] for m in res.models} >= {first.name}
