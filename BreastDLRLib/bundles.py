@@ -269,6 +269,8 @@ def _publish(tmp: Path, folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+    if (folder.parent / INDEX).is_file():   # a release into an indexed models folder: its checksums follow
+        write_index(folder.parent)
 
 
 def save_bundle(

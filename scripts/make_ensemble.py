@@ -28,16 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from BreastDLRLib import __version__  # noqa: E402
 from BreastDLRLib.bundles import open_bundle, save_ensemble_bundle  # noqa: E402
 from BreastDLRLib.evaluation import delong_test, roc_auc  # noqa: E402
-from BreastDLRLib.training.classifier import build_crops, label_of, predict_probs, tasks_of  # noqa: E402
-from BreastDLRLib.training.data import patient_folds, read_manifest_csv  # noqa: E402
-
-def split_of(manifest: dict) -> dict:
-    """What members must share: the crops they see (from the manifest's input) and the patient split."""
-    cfg, inp = manifest["provenance"]["config"], manifest["input"]
-    seed = cfg.get("split_seed")
-    return {"folds": cfg["folds"], "val_fold": cfg["val_fold"], "split_seed": cfg["seed"] if seed is None else seed,
-            "size": int(inp["size"][0]), "margin": float(inp["margin"]), "margin_of": inp.get("margin_of", "shorter"),
-            "task": cfg.get("task"), "joint": tuple(manifest["metrics"].get("multitask") or ())}
+from BreastDLRLib.errors import InputError  # noqa: E402
+from BreastDLRLib.training.heldout import held_out_crops, probabilities  # noqa: E402
 
 
 def main() -> None:
@@ -54,39 +46,18 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     members = [open_bundle(m) for m in a.members]
-    splits = [split_of(b.manifest) for b in members]
-    if any(s != splits[0] for s in splits):
-        sys.exit(f"make_ensemble: the members were not trained on one split and task: {splits}")
-    sp = splits[0]
-    if sp["task"] != a.task:
-        sys.exit(f"make_ensemble: the members are {sp['task']} models, not {a.task}")
-    # the cases and split of train_classifier (a joint run splits the cases that have any of its labels)
-    run_task = "both" if set(sp["joint"]) == {"malignancy", "risk"} else a.task
-    cases = [c for c in read_manifest_csv(a.manifest) if any(label_of(c, t) is not None for t in tasks_of(run_task))]
     work = Path(a.work)
-    x, y, cases = build_crops(cases, run_task, sp["size"], sp["margin"], sp["margin_of"],
-                              cache=work / f"crops_{run_task}_{sp['size']}_{sp['margin_of']}.npz")
-    folds = patient_folds(cases, sp["folds"], sp["split_seed"],
-                          stratify="label" if "malignancy" in tasks_of(run_task) else "birads")
-    va = np.where(folds == sp["val_fold"])[0]
-    col = tasks_of(run_task).index(a.task)
-    sel = y[va, col] >= 0
-    va, yv = va[sel], y[va, col][sel]
-    n_expected = members[0].manifest["metrics"].get("val_crops")
-    if n_expected is not None and n_expected != len(va):
-        sys.exit(f"make_ensemble: {len(va)} held-out crops here, {n_expected} when the members were trained: "
-                 "the data or the split differ")
-    xv = x[va]
-    flipped = np.ascontiguousarray(xv[:, :, ::-1])
+    try:
+        xv, yv, val_cases = held_out_crops([b.manifest for b in members], a.manifest, a.task, cache_dir=work)
+    except InputError as exc:
+        sys.exit(f"make_ensemble: {exc}")
     per_member, plain = [], []
     for b in members:
-        net = b.model("cpu")
-        p0 = predict_probs(net, xv, bf16=False)[:, 0]
-        p1 = predict_probs(net, flipped, bf16=False)[:, 0]
+        p0, p_tta = probabilities(b.model("cpu"), xv)
         plain.append(p0)
-        per_member.append((p0 + p1) / 2)
+        per_member.append(p_tta)
     p_ens, p_ens_plain = np.mean(per_member, 0), np.mean(plain, 0)
-    ds = np.array([cases[i].dataset for i in va])
+    ds = np.array([c.dataset for c in val_cases])
     auc = roc_auc(yv, p_ens)
     metrics = dict(members[0].manifest["metrics"])
     for k in ("auc", "auc_ci95", "auc_by_dataset", "auc_tta_hflip", "bf16_vs_fp32_max_abs_diff", "best_epoch",
@@ -113,9 +84,9 @@ def main() -> None:
                               "ensemble_command": "python scripts/make_ensemble.py --task " + a.task + " --members "
                               + " ".join(Path(m).name for m in a.members),
                               "member_configs": [b.manifest["provenance"]["config"] for b in members]}
-    card = ensemble_card(members, manifest, a.task, len(va))
+    card = ensemble_card(members, manifest, a.task, len(yv))
     out = save_ensemble_bundle(a.out, [b.path for b in members], manifest, card)
-    np.savez(work / f"val_{a.task}.npz", probs=p_ens, labels=yv, case_id=np.array([cases[i].case_id for i in va]))
+    np.savez(work / f"val_{a.task}.npz", probs=p_ens, labels=yv, case_id=np.array([c.case_id for c in val_cases]))
     print(json.dumps({"bundle": str(out.path), **{k: metrics[k] for k in
                       ("auc", "auc_ci95", "auc_without_tta", "auc_by_dataset", "members",
                        "delong_ensemble_vs_first_member")}}, indent=1))

@@ -193,3 +193,21 @@ def test_ensemble_members_must_match(tmp_path):
     with pytest.raises(ModelBundleError, match="must match"):
         save_ensemble_bundle(tmp_path / "ens", [b0.path, other.path], {**COMMON, "name": "e", "role": "malignancy"}, "c")
     assert not (tmp_path / "ens").exists()
+
+
+def test_saving_into_an_indexed_models_folder_updates_its_index(bundle_dir):
+    """Re-releasing a bundle into a folder with models.json (as the retrain script does in Resources/Models)
+    refreshes the index, so the new bundle opens; an edit by hand is still refused."""
+    path, net = bundle_dir
+    write_index(path.parent)
+    m = json.loads((path / "manifest.json").read_text())
+    fields = {k: v for k, v in m.items() if k not in ("weights", "format")}
+    b = save_bundle(path, net, {**fields, "version": "2.0"}, "card")
+    assert b.version == "2.0"
+    index = json.loads((path.parent / "models.json").read_text())
+    assert [e["version"] for e in index["models"] if e["folder"] == "clf"] == ["2.0"]
+    m = json.loads((path / "manifest.json").read_text())
+    m["thresholds"]["probability"] = 0.01
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelBundleError, match="changed after it was released"):
+        open_bundle(path)
