@@ -9,7 +9,7 @@ mirror must reproduce the one in the manifest (same patients, same crops), else 
 then declares ``input.test_time_augmentation: ["hflip"]`` (``analyze`` and ``predict`` average each crop with its
 mirror), ``metrics.auc`` becomes the AUC with the mirror (``auc_without_tta`` keeps the old figure) and the card
 says so.  ``<work>/val_<task>.npz`` gets the held-out probabilities for train_fusion.py and restratification.py.
-Bundles written by ``breastdlr train`` today declare the mirror already.
+Bundles written by ``breastdlr train`` today declare the mirror already: for them only the npz is written.
 """
 from __future__ import annotations
 
@@ -54,10 +54,16 @@ def main() -> None:
     plain, tta = probabilities(b.model("cpu"), xv)
     m = b.manifest["metrics"]
     before = roc_auc(yv, plain).auc
-    if abs(before - m.get("auc_without_tta", m["auc"])) > 1e-4:
+    declared = m.get("auc_without_tta", m["auc"]) if "auc_without_tta" in m else m["auc"]
+    if abs(before - declared) > 1e-4:
         sys.exit(f"add_mirror_tta: the held-out AUC without the mirror is {before:.4f} here but "
                  f"{m['auc']:.4f} in the manifest: not the same patients or crops; nothing written")
     auc = roc_auc(yv, tta)
+    np.savez(work / f"val_{a.task}.npz", probs=tta, labels=yv, case_id=np.array([c.case_id for c in cases]))
+    if "hflip" in b.manifest["input"].get("test_time_augmentation", ()):
+        print(json.dumps({"bundle": str(b.path), "already_declared": True, "auc": auc.auc,
+                          "auc_without_tta": before}, indent=1))
+        return
     ds = np.array([c.dataset for c in cases])
     metrics = dict(m, auc=auc.auc, auc_ci95=[auc.ci_low, auc.ci_high], auc_without_tta=before,
                    auc_by_dataset={d: roc_auc(yv[ds == d], tta[ds == d]).auc for d in sorted(set(ds))
@@ -78,7 +84,6 @@ def main() -> None:
     card = card.replace(marker, note + marker, 1) if marker in card else card + note
     _write(b.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     _write(card_path, card)
-    np.savez(work / f"val_{a.task}.npz", probs=tta, labels=yv, case_id=np.array([c.case_id for c in cases]))
     print(json.dumps({"bundle": str(b.path), "auc": auc.auc, "auc_ci95": [auc.ci_low, auc.ci_high],
                       "auc_without_tta": before, "auc_by_dataset": metrics["auc_by_dataset"],
                       "delong_tta_vs_without": metrics["delong_tta_vs_without"]}, indent=1))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Retrain every shipped model from the public data (see each MODEL_CARD.md) and refresh Resources/Models.
-# About 3 hours on a 2-core CPU without native bf16 (measured 2026-11-30: a classifier member 14 epochs in about
-# 70 min with 2 threads; on a CPU with native bf16 about half).  Two jobs at a time, one thread each.
+# About 2 hours on a 2-core CPU without native bf16 (measured 2026-11-30: the classifiers' 14 epochs took 45 min
+# with 2 threads alone; on a CPU with native bf16 less).  Two jobs at a time, one thread each.
 # Usage: bash scripts/retrain_models.sh [path/to/breast-us/manifest.csv]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,19 +16,17 @@ export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
   $py scripts/make_mixed_manifest.py --manifest "$manifest" --out "$work/mix"
   $py scripts/train_segmenter.py --manifest "$work/mix/manifest.csv" --init "$work/segmenter-real" --epochs 7 --lr 0.0005 \
       --out Resources/Models/breastdlr-segmenter-2d --work "$work/segmix" --threads 1 ) &
-# the two classifier ensembles: two members (BM and LH heads on one trunk each), one patient split (seed 0)
-for seed in 0 1; do
-  $py scripts/train_classifier.py --manifest "$manifest" --task both --seed "$seed" --split-seed 0 --epochs 14 \
-      --out "$work/members/seed$seed" --work "$work/members/seed$seed-work" --threads 1
-done
+# BM and LH: one ResNet50 trunk, two heads (its bundles declare the mirror test-time augmentation)
+$py scripts/train_classifier.py --manifest "$manifest" --task both --seed 0 --epochs 14 \
+    --out Resources/Models --work "$work/classifiers" --threads 1
 wait
-for task in malignancy risk; do
-  $py scripts/make_ensemble.py --manifest "$manifest" --task "$task" --work "$work/ensemble" \
-      --members "$work/members/seed0/breastdlr-$task-2d" "$work/members/seed1/breastdlr-$task-2d" \
-      --out "Resources/Models/breastdlr-$task-2d"
+for task in malignancy risk; do   # held-out probabilities with the mirror, for the fusion head and the 4A table
+  $py scripts/add_mirror_tta.py --manifest "$manifest" --task "$task" --bundle "Resources/Models/breastdlr-$task-2d" \
+      --work "$work/tta"
 done
 $py scripts/train_abvs.py --init Resources/Models/breastdlr-malignancy-2d --out Resources/Models/breastdlr-abvs-threeplane --epochs 8
-$py scripts/train_fusion.py --manifest "$manifest" --val "$work/ensemble/val_malignancy.npz" \
+$py scripts/train_fusion.py --manifest "$manifest" --val "$work/tta/val_malignancy.npz" \
     --out Resources/Models/breastdlr-fusion-age
-$py scripts/restratification.py --manifest "$manifest" --work "$work/ensemble"
+$py scripts/restratification.py --manifest "$manifest" --work "$work/tta" --fusion Resources/Models/breastdlr-fusion-age \
+    --risk-model Resources/Models/breastdlr-risk-2d
 $py -c "from BreastDLRLib.bundles import write_index; print(write_index('Resources/Models'))"

@@ -1,7 +1,7 @@
 """Fit the shipped clinical fusion head (image score + age, Bong et al. 2023 style logistic score fusion).
 
-Inputs: the out-of-sample malignancy probabilities of the validation fold written by train_classifier.py
-(``val_malignancy.npz``) and the manifest's ``age`` column (known for BrEaST-Lesions-USG only; elsewhere the
+Inputs: the out-of-sample malignancy probabilities of the validation fold, as the product computes them (with the
+mirror test-time augmentation), written by add_mirror_tta.py (``val_malignancy.npz``) and the manifest's ``age`` column (known for BrEaST-Lesions-USG only; elsewhere the
 head sees age as missing through an indicator column).  Reports 5-fold cross-validated AUCs of the fused
 score and of the image score alone on the same cases, with DeLong's test.
 
@@ -90,7 +90,7 @@ def main() -> None:
         "clinical_variables": [schema.variables[0].to_dict()],
         "provenance": {"data": DATA_CITATION, "fitted_on": "validation fold of breastdlr-malignancy-2d (out-of-sample image scores)",
                        "trained": dt.date.today().isoformat(),
-                       "command": "python scripts/train_fusion.py --manifest <breast-us>/manifest.csv --val <work>/val_malignancy.npz --out Resources/Models/breastdlr-fusion-age"},
+                       "command": "python scripts/train_fusion.py --manifest <breast-us>/manifest.csv --val <work>/tta/val_malignancy.npz --out Resources/Models/breastdlr-fusion-age (val_malignancy.npz from scripts/add_mirror_tta.py)"},
         "metrics": res, "licence": "Apache-2.0", "intended_use": INTENDED_USE,
     }
     card = f"""# Model card: breastdlr-fusion-age
@@ -102,10 +102,10 @@ age-missing indicator]. Age is the only clinical variable the public data gives 
 missing and the indicator column carries that. Stored as JSON arrays (no pickle).
 
 **Data.** The {res['cases']} validation-fold lesions of breastdlr-malignancy-2d (their image scores are out-of-sample:
-the two-member ensemble with the mirror averaged in, as `analyze` and `predict` compute them),
+the malignancy model's probability with the left-right mirror averaged in, as `analyze` and `predict` compute it),
 {res['cases_with_age']} with a known age. {DATA_CITATION}.
 
-**Metrics (5-fold cross-validation on those cases).** fused AUC {res['cv_auc_fused']:.3f} vs image-only {res['auc_image_only']:.3f}
+**Metrics (5-fold cross-validation on those cases, grouped by patient).** fused AUC {res['cv_auc_fused']:.3f} vs image-only {res['auc_image_only']:.3f}
 (DeLong p = {res['delong_fused_vs_image']:.3f}){'' if 'cv_auc_fused_with_age' not in res else f"; on the cases with age: fused {res['cv_auc_fused_with_age']:.3f} vs image-only {res['auc_image_only_with_age']:.3f}"}.
 
 **Threshold: a rule-out point.** A lesion counts as benign for the BI-RADS 4A rule (and in the findings) only when
