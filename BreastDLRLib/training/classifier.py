@@ -152,16 +152,20 @@ def _to_input(x_uint8: np.ndarray) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_probs(model, x: np.ndarray, bf16: bool, batch: int = 64) -> np.ndarray:
-    """(N, T) positive-class probabilities, one column per task (logits come in pairs)."""
-    model.eval()
+def _batched(fn, x: np.ndarray, bf16: bool, batch: int) -> np.ndarray:
+    """``fn`` (a network call, float32 output) over uint8 crops in batches, rows concatenated."""
     out = []
     for s in range(0, len(x), batch):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(_to_input(x[s:s + batch])).float()
-        pairs = logits.view(len(logits), -1, 2)
-        out.append(torch.softmax(pairs, 2)[..., 1].numpy())
-    return np.concatenate(out)
+            out.append(fn(_to_input(x[s:s + batch])).float())
+    return torch.cat(out).numpy()
+
+
+def predict_probs(model, x: np.ndarray, bf16: bool, batch: int = 64) -> np.ndarray:
+    """(N, T) positive-class probabilities, one column per task (logits come in pairs)."""
+    model.eval()
+    logits = torch.from_numpy(_batched(model, x, bf16, batch))
+    return torch.softmax(logits.view(len(logits), -1, 2), 2)[..., 1].numpy()
 
 
 def task_model(model, t: int):
@@ -329,15 +333,10 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
             "arguments": {"backbone": backbone, "embedding_dim": 128, "num_classes": 2, "dropout": 0.2}}
 
 
-@torch.inference_mode()
 def embeddings_of(model, x: np.ndarray, bf16: bool, batch: int = 64) -> np.ndarray:
     """(N, embedding_dim) image embeddings of uint8 crops (eval mode, no augmentation)."""
     model.eval()
-    out = []
-    for s in range(0, len(x), batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out.append(model.embed(_to_input(x[s:s + batch])).float().numpy())
-    return np.concatenate(out).astype(np.float64)
+    return _batched(model.embed, x, bf16, batch).astype(np.float64)
 
 
 def fit_svm_head(model, x: np.ndarray, y: np.ndarray, tasks: Tuple[str, ...], bf16: bool, C: float = 1.0,
