@@ -32,6 +32,7 @@ class LesionResult:
     cams: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     embedding: Optional[np.ndarray] = field(default=None, repr=False)
     heatmap_class: Optional[str] = None            # the class Grad-CAM explains (the model's decision)
+    notes: List[str] = field(default_factory=list)  # what the reader should know about this lesion's scores
 
 
 @dataclass
@@ -149,6 +150,8 @@ class Pipeline:
             progress("classify", 0.6 + 0.4 * idx / max(n, 1), f"lesion {idx + 1} of {n}")
             self.classify_lesion(volume, lr, schema, cleaned, birads_n, heat, timing)
         progress("classify", 1.0, f"{n} lesion(s) analysed")
+        for note in dict.fromkeys(x for lr in result.lesions for x in lr.notes):
+            result.clinical_notes.append(note)
         result.timings.update(timing)
         result.timings["classify_total"] = time.perf_counter() - t0
         if heat is not None:
@@ -263,8 +266,15 @@ class Pipeline:
                 timing["explain"] += time.perf_counter() - t
         fusion = self.bundles.get("fusion")
         if fusion is not None and lr.probabilities.get("malignancy") is not None:
-            lr.probabilities["malignancy_fused"] = fused_probability(fusion, schema, cleaned, lr.probabilities["malignancy"])
-            lr.thresholds["malignancy"] = float(fusion.thresholds.get("probability", lr.thresholds.get("malignancy", 0.5)))
+            fitted_on = fusion.input.get("image_model")
+            used = self.bundles[mal_role].name if mal_role in self.bundles else None
+            if fitted_on in (None, used):
+                lr.probabilities["malignancy_fused"] = fused_probability(fusion, schema, cleaned, lr.probabilities["malignancy"])
+                lr.thresholds["malignancy"] = float(fusion.thresholds.get("probability", lr.thresholds.get("malignancy", 0.5)))
+            else:  # a head fitted on another model's scores would misread these
+                lr.notes.append(f"The clinical fusion model {fusion.name} was fitted on the scores of {fitted_on}, not "
+                                f"of {used}; it was not applied, so the malignancy probability is the image model's "
+                                "alone and the clinical information did not change it.")
 
 
 class _DictInput(torch.nn.Module):

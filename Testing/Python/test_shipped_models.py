@@ -88,7 +88,10 @@ def test_analyze_the_synthetic_abvs_sample(pipe):
     assert hits, "no detected lesion overlaps a true lesion"
     lr = hits[0]
     assert set(lr.crops) == {"transverse", "sagittal", "coronal"}  # the three-plane model was used
-    assert 0 <= lr.probabilities["malignancy"] <= 1 and 0 <= lr.probabilities["malignancy_fused"] <= 1
+    assert 0 <= lr.probabilities["malignancy"] <= 1
+    # the fusion head was fitted on the 2D model's scores: not applied to the three-plane model's, and said so
+    assert "malignancy_fused" not in lr.probabilities and lr.thresholds["malignancy"] == 0.5
+    assert any("was not applied" in n for n in res.clinical_notes)
     assert lr.recommendation.action in ("downgrade", "keep", "upgrade")
     assert res.heatmap.array.max() > 0
 
@@ -98,6 +101,6 @@ def test_age_changes_the_fused_probability(pipe):
     young = pipe.analyze(vol, clinical={"age": 25}, explain=False).lesions[0].probabilities
     old = pipe.analyze(vol, clinical={"age": 80}, explain=False).lesions[0].probabilities
     assert young["malignancy"] == pytest.approx(old["malignancy"])  # the image model ignores age
-    assert young["malignancy_fused"] != pytest.approx(old["malignancy_fused"])
+    assert young["malignancy_fused"] != pytest.approx(old["malignancy_fused"])   # applied: fitted on this model
     with pytest.raises(Exception, match="age"):
         pipe.analyze(vol, clinical={"age": 150})
