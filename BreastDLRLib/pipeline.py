@@ -270,6 +270,7 @@ class Pipeline:
             used = self.bundles[mal_role].name if mal_role in self.bundles else None
             if fitted_on in (None, used):
                 lr.probabilities["malignancy_fused"] = fused_probability(fusion, schema, cleaned, lr.probabilities["malignancy"])
+                lr.thresholds["malignancy_image"] = lr.thresholds["malignancy"]   # the image model's own
                 lr.thresholds["malignancy"] = float(fusion.thresholds.get("probability", lr.thresholds.get("malignancy", 0.5)))
             else:  # a head fitted on another model's scores would misread these
                 lr.notes.append(f"The clinical fusion model {fusion.name} was fitted on the scores of {fitted_on}, not "

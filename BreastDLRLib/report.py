@@ -107,7 +107,7 @@ def render(findings: Dict[str, Any], folder: Path) -> str:
                      f"<tr><th>Depth from skin</th><td>{_fmt(m['depth_from_skin_mm'])} {units}</td></tr>"
                      f"<tr><th>Orientation</th><td>{html.escape(m['orientation'])} (depth/width {_fmt(m['aspect_ratio'], 2)})</td></tr>"
                      + ("<tr><th>Note</th><td>the lesion touches the image border: it may be cut</td></tr>" if m.get("touches_edge") else "") +
-                     f"<tr><th>Malignancy (image)</th><td>{_bar(p.get('malignancy'), t.get('malignancy'))}</td></tr>"
+                     f"<tr><th>Malignancy (image)</th><td>{_bar(p.get('malignancy'), t.get('malignancy_image', t.get('malignancy')))}</td></tr>"
                      + (f"<tr><th>Malignancy (image + clinical)</th><td>{_bar(p.get('malignancy_fused'), t.get('malignancy'))}</td></tr>"
                         if p.get("malignancy_fused") is not None else "") +
                      f"<tr><th>High risk (BI-RADS 4/5)</th><td>{_bar(p.get('high_risk'), t.get('high_risk'))}</td></tr>"

@@ -98,7 +98,11 @@ def test_analyze_the_synthetic_abvs_sample(pipe):
 
 def test_age_changes_the_fused_probability(pipe):
     vol = read_volume(SAMPLES / "breast_us_sample.png", spacing=0.109768)
-    young = pipe.analyze(vol, clinical={"age": 25}, explain=False).lesions[0].probabilities
+    res = pipe.analyze(vol, clinical={"age": 25}, explain=False)
+    young, th = res.lesions[0].probabilities, res.lesions[0].thresholds
+    fusion = open_bundle(MODELS / "breastdlr-fusion-age")
+    # the decision threshold is the fusion head's rule-out point; the image model keeps its own beside it
+    assert th["malignancy"] == fusion.thresholds["probability"] < 0.5 and th["malignancy_image"] == 0.5
     old = pipe.analyze(vol, clinical={"age": 80}, explain=False).lesions[0].probabilities
     assert young["malignancy"] == pytest.approx(old["malignancy"])  # the image model ignores age
     assert young["malignancy_fused"] != pytest.approx(old["malignancy_fused"])   # applied: fitted on this model
