@@ -269,8 +269,28 @@ def _publish(tmp: Path, folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
-    if (folder.parent / INDEX).is_file():   # a release into an indexed models folder: its checksums follow
-        write_index(folder.parent)
+    if (folder.parent / INDEX).is_file():   # a release into an indexed models folder: its entry follows
+        _update_index_entry(folder)
+
+
+def _index_row(sub: Path) -> Dict[str, Any]:
+    m = read_manifest(sub)
+    return {"folder": sub.name, "name": m["name"], "version": m["version"], "role": m["role"],
+            "manifest_sha256": sha256_file(sub / MANIFEST), "weights_sha256": m["weights"]["sha256"],
+            "default": bool(m.get("default", False))}
+
+
+def _update_index_entry(folder: Path) -> None:
+    """Re-list one bundle in its folder's ``models.json`` (the other entries stay as they were, so a manifest
+    edited by hand elsewhere in the folder is still caught)."""
+    index = folder.parent / INDEX
+    try:
+        doc = json.loads(index.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelBundleError(f"The list of models {index} is damaged ({exc}); reinstall BreastDLR's models.") from exc
+    rows = [e for e in doc.get("models", []) if e.get("folder") != folder.name] + [_index_row(folder)]
+    doc["models"] = sorted(rows, key=lambda e: e["folder"])
+    index.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
 
 
 def save_bundle(
@@ -370,12 +390,7 @@ def save_head_bundle(folder: os.PathLike, head_state: Dict[str, Any], manifest: 
 def write_index(models_dir: os.PathLike) -> Path:
     """(Re)write ``models.json`` listing every bundle under ``models_dir`` with its checksums."""
     models_dir = Path(models_dir)
-    entries = []
-    for sub in sorted(p for p in models_dir.iterdir() if (p / MANIFEST).is_file()):
-        m = read_manifest(sub)
-        entries.append({"folder": sub.name, "name": m["name"], "version": m["version"], "role": m["role"],
-                        "manifest_sha256": sha256_file(sub / MANIFEST), "weights_sha256": m["weights"]["sha256"],
-                        "default": bool(m.get("default", False))})
+    entries = [_index_row(sub) for sub in sorted(p for p in models_dir.iterdir() if (p / MANIFEST).is_file())]
     out = models_dir / INDEX
     out.write_text(json.dumps({"format": "breastdlr-models/1", "models": entries}, indent=2) + "\n", encoding="utf-8")
     return out

@@ -211,3 +211,10 @@ def test_saving_into_an_indexed_models_folder_updates_its_index(bundle_dir):
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ModelBundleError, match="changed after it was released"):
         open_bundle(path)
+    # releasing another bundle into the folder re-lists that one only: the edited manifest stays refused
+    torch.manual_seed(1)
+    other = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=8)
+    save_bundle(path.parent / "other", other, {**fields, "name": "other"}, "card")
+    assert {e["folder"] for e in json.loads((path.parent / "models.json").read_text())["models"]} == {"clf", "other"}
+    with pytest.raises(ModelBundleError, match="changed after it was released"):
+        open_bundle(path)
