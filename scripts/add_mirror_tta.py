@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from BreastDLRLib.bundles import MANIFEST, open_bundle  # noqa: E402
+from BreastDLRLib.errors import InputError  # noqa: E402
 from BreastDLRLib.evaluation import delong_test, roc_auc  # noqa: E402
 from BreastDLRLib.training.heldout import held_out_crops, probabilities  # noqa: E402
 
@@ -50,14 +51,17 @@ def main() -> None:
         sys.exit("add_mirror_tta: an ensemble made by make_ensemble.py declares the mirror already")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    xv, yv, cases = held_out_crops([b.manifest], a.manifest, a.task, cache_dir=work)
+    try:
+        xv, yv, cases = held_out_crops([b.manifest], a.manifest, a.task, cache_dir=work)
+    except InputError as exc:
+        sys.exit(f"add_mirror_tta: {exc}")
     plain, tta = probabilities(b.model("cpu"), xv)
     m = b.manifest["metrics"]
     before = roc_auc(yv, plain).auc
-    declared = m.get("auc_without_tta", m["auc"]) if "auc_without_tta" in m else m["auc"]
+    declared = m.get("auc_without_tta", m["auc"])
     if abs(before - declared) > 1e-4:
         sys.exit(f"add_mirror_tta: the held-out AUC without the mirror is {before:.4f} here but "
-                 f"{m['auc']:.4f} in the manifest: not the same patients or crops; nothing written")
+                 f"{declared:.4f} in the manifest: not the same patients or crops; nothing written")
     auc = roc_auc(yv, tta)
     np.savez(work / f"val_{a.task}.npz", probs=tta, labels=yv, case_id=np.array([c.case_id for c in cases]))
     if "hflip" in b.manifest["input"].get("test_time_augmentation", ()):

@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from BreastDLRLib.bundles import open_bundle  # noqa: E402
 from BreastDLRLib.recommend import recommend  # noqa: E402
 
 
@@ -49,7 +50,6 @@ def main() -> None:
         rows = {r["case_id"]: r for r in csv.DictReader(f)}
     t_mal = t_risk = 0.5
     if a.fusion:
-        from BreastDLRLib.bundles import open_bundle
         from BreastDLRLib.clinical import ClinicalSchema
         from BreastDLRLib.pipeline import fused_probability
 
@@ -59,8 +59,6 @@ def main() -> None:
                      {v: rows[cid].get(v) or None for v in schema.names}), p) for cid, p in p_mal.items()}
         t_mal = float(head.thresholds.get("probability", 0.5))
     if a.risk_model:
-        from BreastDLRLib.bundles import open_bundle
-
         t_risk = float(open_bundle(a.risk_model).thresholds.get("probability", 0.5))
     print(json.dumps({"malignancy_score": "clinical fusion" if a.fusion else "image model",
                       "thresholds": {"malignancy": t_mal, "high_risk": t_risk},

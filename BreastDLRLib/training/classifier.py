@@ -22,7 +22,7 @@ from ..networks.classifiers import build_classifier
 from ..progress import step_bar
 from ..segmentation import cpu_has_fast_bf16
 from .augment import ultrasound_augmenter
-from .data import Case, patient_folds, read_manifest_csv
+from .data import Case, patient_folds, read_manifest_csv, split_seed_of
 
 PRESETS: Dict[str, Dict] = {
     # Lu et al. 2025: Adam, batch 16, up to 100 epochs, the best validation AUC kept
@@ -77,6 +77,12 @@ def tasks_of(task: str) -> Tuple[str, ...]:
 def preset_backbone(cfg: ClassifierConfig) -> str:
     """The trunk of a run: the config's, else its preset's, else ResNet50."""
     return cfg.backbone or PRESETS[cfg.preset].get("backbone", "resnet50")
+
+
+def classifier_folds(cases: List[Case], tasks: Tuple[str, ...], k: int, split_seed: int) -> np.ndarray:
+    """The classifiers' patient-level folds: stratified by pathology when malignancy is among the tasks, else by
+    BI-RADS (the one split every training run, check and re-measurement uses)."""
+    return patient_folds(cases, k, split_seed, stratify="label" if "malignancy" in tasks else "birads")
 
 
 def label_of(case: Case, task: str) -> Optional[int]:
@@ -206,8 +212,7 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
         cases = cases[:: max(1, len(cases) // cfg.max_cases)][: cfg.max_cases]
     x, y, cases = build_crops(cases, cfg.task, cfg.size, cfg.margin, cfg.margin_of,
                               cache=work / f"crops_{cfg.task}_{cfg.size}_{cfg.margin_of}.npz", log=log)
-    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    folds = patient_folds(cases, cfg.folds, split_seed, stratify="label" if "malignancy" in tasks else "birads")
+    folds = classifier_folds(cases, tasks, cfg.folds, split_seed_of(cfg))
     tr, va = np.where(folds != cfg.val_fold)[0], np.where(folds == cfg.val_fold)[0]
     assert not ({cases[i].patient_id for i in tr} & {cases[i].patient_id for i in va}), "patient on both sides"
     for t, name in enumerate(tasks):
@@ -294,15 +299,15 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
     model.load_state_dict(torch.load(work / f"best_{cfg.task}.pt", weights_only=True))
     model.eval()
     svm: Dict[str, Dict] = {}
-    p_before_svm = predict_probs(model, x[va], False) if preset.get("head") == "svm" else None
+    p_net = None                                          # the network's own last layer, before an SVM replaces it
     if preset.get("head") == "svm":
+        p_net = predict_probs(model, x[va], False)
         log("[train] fitting the SVM on the embeddings of the training crops")
         svm = fit_svm_head(model, x[tr], y[tr], tasks, cfg.bf16, seed=cfg.seed)
         for name, info in svm.items():
             log(f"[train] {name}: linear SVM, {info['n_support']} support vectors, Platt a={info['platt'][0]:.3f} "
                 f"b={info['platt'][1]:.3f}")
     p32 = predict_probs(model, x[va], False)
-    p_net = p_before_svm if svm else p32
     p16 = predict_probs(model, x[va], True) if cfg.bf16 else None     # emulated bf16 is too slow to bother
     p_flip = (p32 + predict_probs(model, np.ascontiguousarray(x[va][:, :, ::-1]), False)) / 2   # + mirror (hflip TTA)
     results = {}

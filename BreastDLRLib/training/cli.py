@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import InputError
-from .data import Case, patient_folds, read_manifest_csv
+from .data import Case, patient_folds, read_manifest_csv, split_seed_of
 
 TASKS = ("segmenter", "malignancy", "risk")
 PRESET_NAMES = ("lu2025", "liu2025", "yang2024", "cpu")          # the keys of classifier.PRESETS (checked by a test)
@@ -337,7 +337,7 @@ def check_trainable(task: str, cases: List[Case], cfg, val_folds: Sequence[int])
                 raise InputError(f"With {cfg.folds} folds, fold {k} would hold out no image with a lesion, so the "
                                  "segmenter could not be validated; use fewer folds (--folds) or more data.")
         return
-    from .classifier import label_of
+    from .classifier import classifier_folds, label_of
 
     usable = [c for c in cases if label_of(c, task) is not None and c.mask is not None and c.mask.is_file()]
     if cfg.max_cases:
@@ -348,8 +348,7 @@ def check_trainable(task: str, cases: List[Case], cfg, val_folds: Sequence[int])
         raise InputError(f"The {task} classifier needs images of both classes in the column {column}, each with a "
                          f"lesion mask; the manifest has {int(labels.sum())} positive and {int((labels == 0).sum())} "
                          "negative usable images.")
-    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    folds = patient_folds(usable, cfg.folds, split_seed, stratify="label" if task == "malignancy" else "birads")
+    folds = classifier_folds(usable, (task,), cfg.folds, split_seed_of(cfg))
     for k in val_folds:
         if len(set(labels[folds == k].tolist())) < 2:
             raise InputError(f"With {cfg.folds} folds, fold {k} would hold out no image of one class; use fewer "
@@ -448,7 +447,7 @@ def write_bundle(task: str, manifest: Path, out: Path, cases: Sequence[Case], re
     man["default"] = False   # a researcher's model: pass it with --model; the shipped models stay the defaults
     man["provenance"] = dict(man["provenance"], data=data, command=command,
                              split=f"patient-level stratified group {res['config']['folds']}-fold, seed "
-                                   f"{_split_seed(res['config'])}, validation fold {final_fold}")
+                                   f"{split_seed_of(res['config'])}, validation fold {final_fold}")
     man["metrics"] = _plain(man["metrics"], nan_to_none=True)
     if cv_doc is not None:
         man["metrics"]["cross_validation"] = _plain(cv_doc["summary"], nan_to_none=True)
@@ -522,7 +521,7 @@ def adapt_card(card: str, res: Dict[str, Any], data: str, old_command: str, comm
         card = card.replace("about two thousand images", f"{res['n_train']} images")
     lines = ["", "## Training run (`breastdlr train`)", "",
              f"- Command: `{command}`", f"- Data: {data}",
-             f"- Split: patient-level stratified group {cfg['folds']}-fold (seed {_split_seed(cfg)}); validation fold "
+             f"- Split: patient-level stratified group {cfg['folds']}-fold (seed {split_seed_of(cfg)}); validation fold "
              f"{cfg['val_fold']}; no patient has images on both sides.",
              f"- Training images: {res['n_train']} ({res['n_train_patients']} patients); validation images: "
              f"{len(res['val_case_ids'])}."]
@@ -542,11 +541,6 @@ def adapt_card(card: str, res: Dict[str, Any], data: str, old_command: str, comm
         lines.append("- The weights of this bundle are the fold-0 model; the other folds' models only measure "
                      "the variability (see cv_metrics.json).")
     return card.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
-
-
-def _split_seed(config: Dict[str, Any]) -> int:
-    """The seed of a run's patient split (``split_seed``, else ``seed``)."""
-    return config["seed"] if config.get("split_seed") is None else config["split_seed"]
 
 
 def _fmt(x: Optional[float]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -58,6 +58,12 @@ def read_manifest_csv(path: str | Path) -> List[Case]:
             birads=(r.get("birads") or "").lower(), row=r,
         ))
     return out
+
+
+def split_seed_of(cfg: Any) -> int:
+    """The seed of a run's patient split: ``split_seed``, else ``seed`` (a config or its dict)."""
+    get = cfg.get if isinstance(cfg, Mapping) else (lambda k: getattr(cfg, k, None))
+    return get("seed") if get("split_seed") is None else get("split_seed")
 
 
 def patient_folds(cases: Sequence[Case], k: int = 5, seed: int = 0, stratify: str = "label") -> np.ndarray:

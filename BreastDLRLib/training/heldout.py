@@ -13,15 +13,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import InputError
-from .classifier import build_crops, label_of, predict_probs, tasks_of
-from .data import Case, patient_folds, read_manifest_csv
+from .classifier import build_crops, classifier_folds, label_of, predict_probs, tasks_of
+from .data import Case, read_manifest_csv, split_seed_of
 
 
 def split_of(manifest: Dict[str, Any]) -> Dict[str, Any]:
     """What a bundle's held-out fold depends on: its crops and its patient split."""
     cfg, inp = manifest["provenance"]["config"], manifest["input"]
-    seed = cfg.get("split_seed")
-    return {"folds": cfg["folds"], "val_fold": cfg["val_fold"], "split_seed": cfg["seed"] if seed is None else seed,
+    return {"folds": cfg["folds"], "val_fold": cfg["val_fold"], "split_seed": split_seed_of(cfg),
             "size": int(inp["size"][0]), "margin": float(inp["margin"]), "margin_of": inp.get("margin_of", "shorter"),
             "task": cfg.get("task"), "joint": tuple(manifest["metrics"].get("multitask") or ())}
 
@@ -39,8 +38,7 @@ def held_out_crops(manifests: Sequence[Dict[str, Any]], data_manifest: str | Pat
     cases = [c for c in read_manifest_csv(data_manifest) if any(label_of(c, t) is not None for t in tasks_of(run_task))]
     cache = None if cache_dir is None else Path(cache_dir) / f"crops_{run_task}_{sp['size']}_{sp['margin_of']}.npz"
     x, y, cases = build_crops(cases, run_task, sp["size"], sp["margin"], sp["margin_of"], cache=cache)
-    folds = patient_folds(cases, sp["folds"], sp["split_seed"],
-                          stratify="label" if "malignancy" in tasks_of(run_task) else "birads")
+    folds = classifier_folds(cases, tasks_of(run_task), sp["folds"], sp["split_seed"])
     va = np.where(folds == sp["val_fold"])[0]
     col = tasks_of(run_task).index(task)
     va = va[y[va, col] >= 0]
