@@ -659,8 +659,39 @@ class ScoreFusionHead(_FusionHead):
         return self.tree_value_[node]
 
 
+class LinearFusionHead(_FusionHead):
+    """Logistic regression on standardised inputs, e.g. [logit of an image score, lesion features].
+
+    ``fit`` is one L2 logistic regression (``C``) on the columns standardised with their training mean and
+    standard deviation.  The morphology models set ``mean_``, ``scale_``, ``coef_`` and ``intercept_`` from a
+    two-stage fit instead (:mod:`BreastDLRLib.training.morphology`); prediction is the same linear score.
+    """
+
+    _state_keys = ("mean_", "scale_", "coef_", "intercept_")
+
+    def __init__(self, C: float = 1.0, scale: bool = True) -> None:
+        self.C = C
+        self.scale = scale
+
+    def fit(self, X: Any, y: Any) -> "LinearFusionHead":
+        X, y = self._fit_input(X, y)
+        lr = LogisticRegression(C=self.C, max_iter=5000).fit(self._fit_scaler(X), y)
+        self.coef_ = np.asarray(lr.coef_, dtype=np.float64)
+        self.intercept_ = np.asarray(lr.intercept_, dtype=np.float64)
+        return self
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        z = self._scale(self._input(X)) @ self.coef_.T + self.intercept_
+        return z[:, 0] if z.shape[1] == 1 else z
+
+    def _proba(self, X: np.ndarray) -> np.ndarray:
+        z = self._scale(X) @ self.coef_.T + self.intercept_
+        return _two_columns(expit(z[:, 0])) if z.shape[1] == 1 else _softmax(z)
+
+
 # ============================================================================ serialisation
-HEADS: Dict[str, type] = {"MLPFusionHead": MLPFusionHead, "SVMFusionHead": SVMFusionHead, "ScoreFusionHead": ScoreFusionHead}
+HEADS: Dict[str, type] = {"MLPFusionHead": MLPFusionHead, "SVMFusionHead": SVMFusionHead, "ScoreFusionHead": ScoreFusionHead,
+                          "LinearFusionHead": LinearFusionHead}
 HEAD_FORMAT = "breastdlr-fusion-head"
 
 

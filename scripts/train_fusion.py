@@ -23,21 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from BreastDLRLib import __version__  # noqa: E402
 from BreastDLRLib.bundles import save_head_bundle  # noqa: E402
 from BreastDLRLib.clinical import ClinicalSchema, ScoreFusionHead, head_to_dict  # noqa: E402
-from BreastDLRLib.evaluation import binary_metrics, delong_test, roc_auc  # noqa: E402
+from BreastDLRLib.evaluation import binary_metrics, delong_test, roc_auc, rule_out_threshold  # noqa: E402
 from BreastDLRLib.training.cards import DATA_CITATION, INTENDED_USE  # noqa: E402
 from BreastDLRLib.training.data import read_manifest_csv  # noqa: E402
-
-
-def rule_out_threshold(y: np.ndarray, score: np.ndarray, sensitivity: float) -> float:
-    """The largest threshold t (positive = score >= t) whose sensitivity is at least ``sensitivity``, placed midway
-    between neighbouring observed scores (as pROC places its thresholds)."""
-    values = np.unique(score)
-    best = values[0]
-    for v in values:
-        if np.mean(score[y == 1] >= v) >= sensitivity:
-            best = v
-    below = values[values < best]
-    return float((best + below[-1]) / 2) if below.size else float(best)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from .stats import (  # noqa: F401
     proportion_ci,
     roc_auc,
     roc_curve,
+    rule_out_threshold,
     youden_threshold,
 )
 

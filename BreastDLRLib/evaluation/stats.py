@@ -354,6 +354,19 @@ def youden_threshold(y_true, y_score) -> YoudenResult:
                         youden=float(j[k]))
 
 
+def rule_out_threshold(y_true, y_score, sensitivity: float = 0.95) -> float:
+    """The largest threshold t (positive = score >= t) whose sensitivity is at least ``sensitivity``, placed
+    midway between neighbouring observed scores as pROC places its thresholds (a rule-out operating point)."""
+    y, s = _labels_and_scores(y_true, y_score)
+    if not 0.0 < sensitivity <= 1.0:
+        raise EvaluationInputError(f"The target sensitivity must be in (0, 1], got {sensitivity}.")
+    u = np.unique(s)
+    cases = np.sort(s[y])
+    sens = 1.0 - np.searchsorted(cases, u, side="left") / cases.size     # P(case >= u)
+    k = int(np.nonzero(sens >= sensitivity)[0].max())
+    return float((u[k] + u[k - 1]) / 2.0) if k > 0 else float(u[0])
+
+
 # ----------------------------------------------------------------------------- binary decisions
 def proportion_ci(x: int, n: int, method: str = "wilson", level: float = 0.95) -> Estimate:
     """x/n with a Wilson score (R ``prop.test(correct=FALSE)``) or Clopper-Pearson (R ``binom.test``)
