@@ -88,9 +88,11 @@ def registerSampleData():
 class BreastDLRParameterNode:
     """inputVolume: the ultrasound image or volume. modelPath: the chosen classification bundle ("" = the shipped
     defaults). birads / device: as chosen. spacingOverride: mm per pixel when the file has none (0 = from the file).
-    heatmapOpacity: foreground opacity of the heatmap. output*: the last results."""
+    heatmapOpacity: foreground opacity of the heatmap. lesionOutline: the reader's own outline (optional; None =
+    automatic segmentation). output*: the last results."""
 
     inputVolume: vtkMRMLScalarVolumeNode
+    lesionOutline: vtkMRMLSegmentationNode
     modelPath: str = ""
     birads: Annotated[str, Choice(BIRADS_CHOICES)] = "unknown"
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
@@ -264,6 +266,7 @@ class BreastDLRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=p.device,
                 spacing=p.spacingOverride or None,
                 progressCallback=self._onProgress,
+                outlineNode=p.lesionOutline,
             )
             self.ui.progressBar.setValue(0)
             self.ui.progressBar.setVisible(True)
@@ -370,8 +373,9 @@ class BreastDLRLogic(ScriptedLoadableModuleLogic):
     # run
     def start(self, volumeNode, clinical: Optional[Dict[str, Any]] = None, birads: Optional[str] = None,
               modelPaths: Optional[List[str]] = None, device: str = "auto", spacing: Optional[float] = None,
-              progressCallback: Optional[Callable[[str, float, str], None]] = None):
-        """Export the volume, start the worker; returns a ``WorkerMonitor`` (``poll``, ``wait``, ``cancel``)."""
+              progressCallback: Optional[Callable[[str, float, str], None]] = None, outlineNode=None):
+        """Export the volume (and the reader's outline segmentation, when given), start the worker; returns a
+        ``WorkerMonitor`` (``poll``, ``wait``, ``cancel``)."""
         from BreastDLRLib import mrml
         from BreastDLRSlicerLib.process import WorkerMonitor
 
@@ -381,6 +385,7 @@ class BreastDLRLogic(ScriptedLoadableModuleLogic):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         workDir = Path(tempfile.mkdtemp(prefix=f"BreastDLR-{stamp}-", dir=slicer.app.temporaryPath))
         inputPath = mrml.export_volume_node(volumeNode, workDir / "input.nrrd")
+        outlinePath = mrml.export_outline(outlineNode, volumeNode, workDir / "outline.nrrd") if outlineNode else None
         request = {
             "input": str(inputPath),
             "out_dir": str(workDir / "results"),
@@ -389,6 +394,7 @@ class BreastDLRLogic(ScriptedLoadableModuleLogic):
             "model_paths": modelPaths,
             "device": device,
             "spacing": spacing,
+            "outline": str(outlinePath) if outlinePath else None,
         }
         process = self.processFactory(request, workDir)
         process.start()
@@ -396,10 +402,12 @@ class BreastDLRLogic(ScriptedLoadableModuleLogic):
 
     def process(self, volumeNode, clinical: Optional[Dict[str, Any]] = None, birads: Optional[str] = None,
                 modelPaths: Optional[List[str]] = None, device: str = "auto", wait: bool = True,
-                progressCallback: Optional[Callable[[str, float, str], None]] = None, spacing: Optional[float] = None):
-        """Analyse ``volumeNode``.  With ``wait`` the results are loaded into the scene and the findings dict
-        is returned (node IDs in ``self.lastResults``); without, the running ``WorkerMonitor`` is returned."""
-        monitor = self.start(volumeNode, clinical, birads, modelPaths, device, spacing, progressCallback)
+                progressCallback: Optional[Callable[[str, float, str], None]] = None, spacing: Optional[float] = None,
+                outlineNode=None):
+        """Analyse ``volumeNode`` (in the reader's ``outlineNode`` segments when given, else where the segmenter
+        finds lesions).  With ``wait`` the results are loaded into the scene and the findings dict is returned
+        (node IDs in ``self.lastResults``); without, the running ``WorkerMonitor`` is returned."""
+        monitor = self.start(volumeNode, clinical, birads, modelPaths, device, spacing, progressCallback, outlineNode)
         if not wait:
             return monitor
         outcome = monitor.wait(idle=slicer.app.processEvents)
@@ -443,6 +451,8 @@ class BreastDLRTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_BreastDLR_workflow()
+        self.setUp()
+        self.test_BreastDLR_reader_outline()
 
     def test_BreastDLR_workflow(self):
         import SampleData
@@ -471,4 +481,27 @@ class BreastDLRTest(ScriptedLoadableModuleTest):
         self.assertEqual(heatmap.shape, slicer.util.arrayFromVolume(volumeNode).shape)
         self.assertGreaterEqual(float(heatmap.min()), 0.0)
         self.assertLessEqual(float(heatmap.max()), 1.0)
+        self.delayDisplay("Test passed")
+
+    def test_BreastDLR_reader_outline(self):
+        """The real 2D sample with its reader outline as a segmentation: the outline is the lesion, and the
+        morphology models score it."""
+        from BreastDLRSlicerLib.samples import samples_dir
+
+        self.delayDisplay("Loading the real 2D sample and its outline")
+        folder = samples_dir()
+        self.assertIsNotNone(folder)
+        volumeNode = slicer.util.loadVolume(str(folder / "breast_us_sample.png"), {"singleFile": True})
+        labelNode = slicer.util.loadLabelVolume(str(folder / "breast_us_sample_mask.png"), {"singleFile": True})
+        outlineNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my outline")
+        slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelNode, outlineNode)
+        self.assertGreaterEqual(outlineNode.GetSegmentation().GetNumberOfSegments(), 1)
+
+        self.delayDisplay("Running BreastDLR on the reader's outline")
+        findings = BreastDLRLogic().process(volumeNode, birads="4a", wait=True, outlineNode=outlineNode)
+        self.assertEqual(len(findings["lesions"]), 1)
+        lesion = findings["lesions"][0]
+        self.assertEqual(lesion["outline"], "reader")
+        self.assertIn("malignancy_morphology", lesion["probabilities"])
+        self.assertIn("high_risk_morphology", lesion["probabilities"])
         self.delayDisplay("Test passed")

@@ -3,6 +3,10 @@
 A row that fails (unreadable image, bad clinical value, ...) gets its error message and does not stop the
 others.  Per image, the largest lesion found is the one reported; when none is found the classifiers see
 the whole image (``lesion_found`` is False, so an evaluation can tell).
+
+``outline="manifest"`` takes the lesion from the row's ``mask`` (a reader's outline: the morphology models then
+score it too); rows whose mask is missing or empty fall back to the segmenter.  The ``outline`` column says
+which outline each row used.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from .errors import BreastDLRError, InputError
 from .progress import CancelCheck, ProgressCallback, check_cancel, no_progress
 
 COLUMNS = ("case_id", "probability_malignant", "probability_high_risk", "recommendation", "lesion_found",
-           "n_lesions", "error")
+           "n_lesions", "outline", "error")
+OUTLINES = ("auto", "manifest")
 
 
 def _fmt(p: Optional[float]) -> str:
@@ -26,18 +31,20 @@ def _fmt(p: Optional[float]) -> str:
 
 
 def predict_manifest(manifest: str | Path, out_csv: str | Path, *, masks_out: Optional[str | Path] = None,
-                     device: str = "auto", model_paths: Optional[Sequence[str]] = None,
+                     device: str = "auto", model_paths: Optional[Sequence[str]] = None, outline: str = "auto",
                      progress: ProgressCallback = no_progress, cancel: Optional[CancelCheck] = None) -> Dict[str, Any]:
-    from .io import read_volume, write_png
-    from .pipeline import Pipeline
+    from .io import read_mask, read_volume, write_png
+    from .pipeline import OPTIONAL_ROLES, Pipeline
     from .recommend import normalise_birads
     from .training.data import read_manifest_csv
 
+    if outline not in OUTLINES:
+        raise InputError(f"outline must be one of {', '.join(OUTLINES)}, not {outline!r}.")
     cases = read_manifest_csv(manifest)
     if not cases:
         raise InputError(f"The manifest {Path(manifest).name} lists no images.")
     pipe = Pipeline.from_paths(model_paths, device=device, roles=("segmenter", "malignancy"),
-                               optional_roles=("risk", "fusion"))
+                               optional_roles=tuple(r for r in OPTIONAL_ROLES if r != "abvs-malignancy"))
     schema = pipe.clinical_schema()
     if masks_out:
         Path(masks_out).mkdir(parents=True, exist_ok=True)
@@ -61,13 +68,17 @@ def predict_manifest(manifest: str | Path, out_csv: str | Path, *, masks_out: Op
                     clinical = {n: case.row[n] for n in schema.names if case.row.get(n, "") != ""}
                     birads = normalise_birads(case.birads) if case.birads else None
                     cleaned, _ = pipe.parse_clinical(schema, clinical)
-                    seg = pipe.segment(vol)
+                    drawn = None
+                    if outline == "manifest" and case.mask is not None:
+                        drawn = read_mask(case.mask, vol)
+                    seg = pipe.reader_outline(vol, vol.with_array(drawn)) if drawn is not None and drawn.any() \
+                        else pipe.segment(vol)
                     found = bool(seg.lesions)
                     lr = seg.lesions[0] if found else pipe.whole_image_lesion(vol)
                     pipe.classify_lesion(vol, lr, schema, cleaned, birads)
                     p_mal = pipe.decision_probability(lr)
-                    row.update(probability_malignant=_fmt(p_mal), probability_high_risk=_fmt(lr.probabilities.get("high_risk")),
-                               lesion_found=str(found).lower(), n_lesions=str(len(seg.lesions)))
+                    row.update(probability_malignant=_fmt(p_mal), probability_high_risk=_fmt(pipe.risk_probability(lr)),
+                               lesion_found=str(found).lower(), n_lesions=str(len(seg.lesions)), outline=lr.outline)
                     rec = lr.recommendation
                     if rec is not None and rec.action != "not applicable":
                         row["recommendation"] = f"{rec.action}:{rec.birads_out}"

@@ -31,7 +31,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 MODEL_CARD = "MODEL_CARD.md"
 INDEX = "models.json"
-ROLES = ("segmenter", "malignancy", "risk", "fusion", "abvs-malignancy")
+ROLES = ("segmenter", "malignancy", "risk", "fusion", "abvs-malignancy", "morphology-malignancy", "morphology-risk")
 REQUIRED = ("format", "name", "version", "role", "architecture", "arguments", "input", "labels", "thresholds",
             "weights", "provenance", "metrics", "licence", "intended_use")
 

@@ -78,9 +78,9 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
 def cmd_analyze(a: argparse.Namespace) -> int:
     from .clinical import from_json, parse_cli
-    from .io import read_volume
+    from .io import read_mask, read_volume
     from .outputs import write_analysis
-    from .pipeline import Pipeline
+    from .pipeline import OPTIONAL_ROLES, Pipeline
 
     clinical: Dict[str, Any] = {}
     if a.clinical_json:
@@ -88,9 +88,9 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     clinical.update(parse_cli(a.clinical))
     bar = Bar(not a.quiet)
     vol = read_volume(a.input, spacing=_spacing(a.spacing))
-    pipe = Pipeline.from_paths(a.model, device=a.device, roles=("segmenter", "malignancy"),
-                               optional_roles=("risk", "abvs-malignancy", "fusion"))
-    res = pipe.analyze(vol, clinical=clinical, birads=a.birads, explain=not a.no_explain, progress=bar)
+    outline = vol.with_array(read_mask(a.outline, vol)) if a.outline else None
+    pipe = Pipeline.from_paths(a.model, device=a.device, roles=("segmenter", "malignancy"), optional_roles=OPTIONAL_ROLES)
+    res = pipe.analyze(vol, clinical=clinical, birads=a.birads, explain=not a.no_explain, progress=bar, outline=outline)
     bar.close()
     findings = write_analysis(a.out, res)
     _summary(findings["lesions"], a.out, vol, findings)
@@ -105,9 +105,11 @@ def _summary(lesions: List[Dict[str, Any]], out: str, vol, findings: Optional[Di
         line = f"  lesion {les['id']}: max diameter {m['max_diameter_mm']:.1f} {unit}, {m['orientation']}"
         p = les.get("probabilities") or {}
         if p.get("malignancy") is not None:
-            line += f", P(malignant) {p.get('malignancy_fused', p['malignancy']):.2f}"
+            line += f", P(malignant) {p.get('malignancy_morphology', p.get('malignancy_fused', p['malignancy'])):.2f}"
         if p.get("high_risk") is not None:
-            line += f", P(high risk) {p['high_risk']:.2f}"
+            line += f", P(high risk) {p.get('high_risk_morphology', p['high_risk']):.2f}"
+        if les.get("outline") == "reader":
+            line += " (reader's outline)"
         rec = les.get("recommendation")
         if rec and rec.get("action") != "not applicable":
             line += f" → {rec['action']} to BI-RADS {rec['birads_out']}"
@@ -146,7 +148,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from .batch import predict_manifest
 
     summary = predict_manifest(a.manifest, a.out, masks_out=a.masks_out, device=a.device, model_paths=a.model,
-                               progress=Bar(not a.quiet))
+                               outline=a.outline, progress=Bar(not a.quiet))
     print(json.dumps(summary))
     return 0
 
@@ -174,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--clinical-json", help="a JSON file {name: value}")
     an.add_argument("--birads", help="the radiologist's BI-RADS grade, e.g. 4a (enables the 4A rule)")
     an.add_argument("--no-explain", action="store_true", help="skip Grad-CAM")
+    an.add_argument("--outline", metavar="MASK",
+                    help="the reader's lesion outline (mask PNG or label volume on the image's grid) instead of the "
+                         "segmenter's; 2D images are then also scored by the morphology models")
     _common(an)
     an.set_defaults(func=cmd_analyze)
 
@@ -181,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("manifest")
     pr.add_argument("--out", required=True, help="PREDICTIONS.csv")
     pr.add_argument("--masks-out", help="folder for <case_id>_mask.png")
+    pr.add_argument("--outline", choices=("auto", "manifest"), default="auto",
+                    help="auto: the segmenter outlines each lesion (default); manifest: the row's mask is the reader's "
+                         "outline (the morphology models then score it too), the segmenter only where it is missing "
+                         "or empty")
     _common(pr)
     pr.set_defaults(func=cmd_predict)
 

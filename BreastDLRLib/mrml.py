@@ -230,6 +230,38 @@ def export_volume_node(node, path: os.PathLike) -> Path:
     return path
 
 
+def export_outline(segmentation_node, reference_node, path: os.PathLike) -> Path:
+    """Write the segments of ``segmentation_node`` (a reader's lesion outlines, all segments, visible or not) as a
+    label map on the grid of ``reference_node`` (the analysed volume), for ``analyze``'s ``outline``.
+
+    Raises :class:`BreastDLRError` when the segmentation draws nothing inside that volume.
+    """
+    import slicer
+    import vtk
+
+    scene = segmentation_node.GetScene()
+    ids = vtk.vtkStringArray()
+    segmentation_node.GetSegmentation().GetSegmentIDs(ids)
+    if ids.GetNumberOfValues() == 0:
+        raise BreastDLRError(f"The lesion outline '{segmentation_node.GetName()}' has no segments; draw the lesion "
+                             "in the Segment Editor or leave the outline empty to let the segmenter find it.")
+    before = {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
+    label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "BreastDLR outline export")
+    try:
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, label,
+                                                                                      reference_node):
+            raise BreastDLRError(f"The lesion outline '{segmentation_node.GetName()}' could not be placed on "
+                                 f"'{reference_node.GetName()}'.")
+        if not np.any(_image_array(label.GetImageData()) > 0):
+            raise BreastDLRError(f"The lesion outline '{segmentation_node.GetName()}' draws nothing inside "
+                                 f"'{reference_node.GetName()}'; draw the lesion on this image.")
+        return export_volume_node(label, path)
+    finally:   # the label map and what the export made for it (display, colour table) leave the scene
+        for node in [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]:
+            if node is not None and node.GetID() not in before:
+                scene.RemoveNode(node)
+
+
 def _read_volume_file(scene, path: Path, name: str, label_map: bool = False):
     """Load an image file into a new volume node with an archetype storage node pointing at it."""
     cls = "vtkMRMLLabelMapVolumeNode" if label_map else "vtkMRMLScalarVolumeNode"

@@ -99,6 +99,8 @@ def lesion_record(lr: LesionResult, volume: Volume) -> Dict[str, Any]:
         "heatmap": None,
         "heatmap_class": lr.heatmap_class,
         "previews": {},
+        "outline": lr.outline,
+        "outline_features": dict(lr.features),
     }
 
 

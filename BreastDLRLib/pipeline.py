@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .bundles import Bundle, default_bundle, open_bundle
-from .errors import ClinicalInputError, ModelBundleError
+from .errors import ClinicalInputError, InputError, ModelBundleError
 from .lesions import Lesion, find_lesions
 from .progress import CancelCheck, ProgressCallback, check_cancel, no_progress
 from .segmentation import SliceSegmenter, resolve_device
@@ -33,6 +33,8 @@ class LesionResult:
     embedding: Optional[np.ndarray] = field(default=None, repr=False)
     heatmap_class: Optional[str] = None            # the class Grad-CAM explains (the model's decision)
     notes: List[str] = field(default_factory=list)  # what the reader should know about this lesion's scores
+    outline: str = "segmenter"                     # who drew the outline: "segmenter" or "reader"
+    features: Dict[str, float] = field(default_factory=dict)   # handcrafted outline features, when measured
 
 
 @dataclass
@@ -130,16 +132,48 @@ class Pipeline:
         return Analysis(volume, seg.probability, labels, [LesionResult(l) for l in lesions], None, self.models(),
                         timings=timings, precision=seg.precision)
 
+    def reader_outline(self, volume: Volume, outline: Volume) -> Analysis:
+        """Lesions from a reader's outline (a label map on ``volume``'s grid: each connected region of non-zero
+        voxels is one lesion) instead of the segmenter's; they are marked ``outline="reader"``."""
+        from scipy import ndimage
+
+        from .lesions import lesions_from_labels
+
+        volume.validate()
+        arr = np.asarray(outline.array)
+        if arr.shape != volume.shape:
+            raise InputError(f"The lesion outline has {arr.shape[::-1]} voxels (i, j, k) but the image has "
+                             f"{volume.shape[::-1]}; it was drawn on another image.")
+        if not np.any(arr > 0):
+            raise InputError("The lesion outline is empty: no lesion is drawn in it. Draw the lesion or leave the "
+                             "outline out to let the segmenter find it.")
+        t0 = time.perf_counter()
+        labels, _ = ndimage.label(arr > 0)
+        lab_vol = volume.with_array(labels.astype(np.uint16))
+        lesions = sorted(lesions_from_labels(lab_vol), key=lambda l: -l.voxels)
+        order = {les.id: n + 1 for n, les in enumerate(lesions)}      # largest first, as the segmenter's
+        relabelled = np.zeros(labels.shape, dtype=np.uint16)
+        for les in lesions:
+            relabelled[labels == les.id] = order[les.id]
+            les.id = order[les.id]
+        return Analysis(volume, volume.with_array((relabelled > 0).astype(np.float32)), volume.with_array(relabelled),
+                        [LesionResult(l, outline="reader") for l in lesions], None, self.models(),
+                        timings={"lesions": time.perf_counter() - t0})
+
     def analyze(self, volume: Volume, clinical: Optional[Mapping[str, Any]] = None, birads: Optional[str] = None,
                 explain: bool = True, progress: ProgressCallback = no_progress,
-                cancel: Optional[CancelCheck] = None) -> Analysis:
-        """Segment, then classify, explain and recommend for every lesion."""
+                cancel: Optional[CancelCheck] = None, outline: Optional[Volume] = None) -> Analysis:
+        """Segment (or take the reader's ``outline``), then classify, explain and recommend for every lesion."""
         from .recommend import normalise_birads
 
         birads_n = normalise_birads(birads) if birads else None
         schema = self.clinical_schema()
         cleaned, notes = self.parse_clinical(schema, clinical or {})
-        result = self.segment(volume, progress=lambda s, f, m="": progress("segment", 0.6 * f, m), cancel=cancel)
+        if outline is not None:
+            result = self.reader_outline(volume, outline)
+            progress("segment", 0.6, f"{len(result.lesions)} lesion(s) outlined by the reader")
+        else:
+            result = self.segment(volume, progress=lambda s, f, m="": progress("segment", 0.6 * f, m), cancel=cancel)
         result.clinical, result.clinical_notes, result.birads = cleaned, notes, birads_n
         heat = np.zeros(volume.shape, dtype=np.float32) if explain else None
         t0 = time.perf_counter()
@@ -175,12 +209,20 @@ class Pipeline:
 
     @staticmethod
     def decision_probability(lr: LesionResult) -> Optional[float]:
-        """The probability the 4A rule uses: the clinical fusion model's when present, else the image model's."""
+        """The malignancy probability decisions use: the morphology model's (reader outlines), else the clinical
+        fusion model's, else the image model's."""
         p = lr.probabilities
-        for key in ("malignancy_fused", "malignancy"):
+        for key in ("malignancy_morphology", "malignancy_fused", "malignancy"):
             if p.get(key) is not None:
                 return p[key]
         return None
+
+    @staticmethod
+    def risk_probability(lr: LesionResult) -> Optional[float]:
+        """The BI-RADS risk probability decisions use: the morphology model's (reader outlines), else the image
+        model's."""
+        p = lr.probabilities
+        return p.get("high_risk_morphology", p.get("high_risk"))
 
     def _model_input(self, bundle: Bundle) -> Dict[str, Any]:
         inp = bundle.input
@@ -207,7 +249,7 @@ class Pipeline:
         timing = timing if timing is not None else {"crops": 0.0, "classify": 0.0, "explain": 0.0}
         self._classify(volume, lr, schema, cleaned or {}, heat, timing)
         lr.recommendation = recommend(
-            birads, lr.probabilities.get("high_risk"), self.decision_probability(lr),
+            birads, self.risk_probability(lr), self.decision_probability(lr),
             risk_threshold=lr.thresholds.get("high_risk", 0.5),
             malignancy_threshold=lr.thresholds.get("malignancy", 0.5),
         )
@@ -264,6 +306,13 @@ class Pipeline:
                 heatmap_to_volume(volume, crops, lr.cams, out=heat)
                 explained = True
                 timing["explain"] += time.perf_counter() - t
+        if lr.outline == "reader" and self._apply_morphology(volume, lr, mal_role):
+            # the clinical fusion head was fitted on the image model's scores alone: not on top of these
+            if self.bundles.get("fusion") is not None and any(v is not None for v in cleaned.values()):
+                lr.notes.append("The lesion was scored from the reader's outline by the morphology model; the clinical "
+                                f"fusion model {self.bundles['fusion'].name} was not applied on top of it, so the "
+                                "clinical information did not change the malignancy probability.")
+            return
         fusion = self.bundles.get("fusion")
         if fusion is not None and lr.probabilities.get("malignancy") is not None:
             fitted_on = fusion.input.get("image_model")
@@ -276,6 +325,44 @@ class Pipeline:
                 lr.notes.append(f"The clinical fusion model {fusion.name} was fitted on the scores of {fitted_on}, not "
                                 f"of {used}; it was not applied, so the malignancy probability is the image model's "
                                 "alone and the clinical information did not change it.")
+
+    def _apply_morphology(self, volume: Volume, lr: LesionResult, mal_role: str) -> bool:
+        """Fuse each image score with the reader outline's handcrafted features (2D only); True when the
+        malignancy score was fused."""
+        from .morphology import FEATURE_NAMES, feature_vector, lesion_features
+
+        fused_malignancy = False
+        features = None
+        for key, role, img_role in (("malignancy", "morphology-malignancy", mal_role), ("high_risk", "morphology-risk", "risk")):
+            b = self.bundles.get(role)
+            if b is None or lr.probabilities.get(key) is None:
+                continue
+            if not volume.is_2d:
+                lr.notes.append(f"The morphology model {b.name} describes 2D outlines; this volume's lesions were "
+                                "scored by the image models alone.")
+                continue
+            used = self.bundles[img_role].name if img_role in self.bundles else None
+            if b.input.get("image_model") not in (None, used):
+                lr.notes.append(f"The morphology model {b.name} was fitted on the scores of {b.input.get('image_model')}, "
+                                f"not of {used}; it was not applied.")
+                continue
+            if list(b.input.get("features", [])[1:]) != list(FEATURE_NAMES):
+                raise ModelBundleError(f"The morphology model {b.name} uses other outline features than this version of "
+                                       "BreastDLR measures; update BreastDLR or use a matching model.")
+            if features is None:
+                try:
+                    features = feature_vector(lesion_features(volume.array[0], lr.lesion.full_mask(volume.shape)[0]))
+                except InputError as exc:   # e.g. a stray speck in the reader's segmentation: that lesion only
+                    lr.notes.append(f"Lesion {lr.lesion.id}: {exc} It was scored by the image models alone.")
+                    return False
+                lr.features = dict(zip(FEATURE_NAMES, features.tolist()))
+            p = min(max(lr.probabilities[key], 1e-6), 1 - 1e-6)
+            x = np.r_[np.log(p / (1 - p)), features][None]
+            lr.probabilities[f"{key}_morphology"] = float(b.model().predict_proba(x)[0, 1])
+            lr.thresholds[f"{key}_image"] = lr.thresholds[key]
+            lr.thresholds[key] = float(b.thresholds.get("probability", 0.5))
+            fused_malignancy |= key == "malignancy"
+        return fused_malignancy
 
 
 class _DictInput(torch.nn.Module):
@@ -300,26 +387,33 @@ def fused_probability(bundle: Bundle, schema, cleaned: Mapping[str, Any], p_imag
     return float(bundle.model().predict_proba(x)[0, 1])
 
 
+#: the models analyze and predict use when installed (besides the segmenter and the malignancy model)
+OPTIONAL_ROLES = ("risk", "abvs-malignancy", "fusion", "morphology-malignancy", "morphology-risk")
+
+
 def analyze_volume(volume: Volume, *, model_paths: Optional[Sequence[str]] = None, device: str = "auto",
                    clinical: Optional[Mapping[str, Any]] = None, birads: Optional[str] = None,
-                   progress: ProgressCallback = no_progress, cancel: Optional[CancelCheck] = None) -> Analysis:
+                   progress: ProgressCallback = no_progress, cancel: Optional[CancelCheck] = None,
+                   outline: Optional[Volume] = None) -> Analysis:
     pipe = Pipeline.from_paths(model_paths, device=device, roles=("segmenter", "malignancy"),
-                               optional_roles=("risk", "abvs-malignancy", "fusion"))
-    return pipe.analyze(volume, clinical=clinical, birads=birads, progress=progress, cancel=cancel)
+                               optional_roles=OPTIONAL_ROLES)
+    return pipe.analyze(volume, clinical=clinical, birads=birads, progress=progress, cancel=cancel, outline=outline)
 
 
 def analyze_file(input_path: str | Path, out_dir: str | Path, *, clinical: Optional[Mapping[str, Any]] = None,
                  birads: Optional[str] = None, model_paths: Optional[Sequence[str]] = None, device: str = "auto",
                  spacing: Any = None, progress: ProgressCallback = no_progress,
-                 cancel: Optional[CancelCheck] = None) -> Dict[str, Any]:
-    """Read a file, analyse it and write every result into ``out_dir``; returns the findings dict."""
-    from .io import read_volume
+                 cancel: Optional[CancelCheck] = None, outline_path: Optional[str | Path] = None) -> Dict[str, Any]:
+    """Read a file (and a reader's lesion outline, a mask or label file on its grid), analyse it and write every
+    result into ``out_dir``; returns the findings dict."""
+    from .io import read_mask, read_volume
     from .outputs import write_analysis
 
     progress("load", 0.0, f"reading {Path(input_path).name}")
     volume = read_volume(input_path, spacing=spacing)
+    outline = volume.with_array(read_mask(outline_path, volume)) if outline_path else None
     result = analyze_volume(volume, model_paths=model_paths, device=device, clinical=clinical, birads=birads,
-                            progress=progress, cancel=cancel)
+                            progress=progress, cancel=cancel, outline=outline)
     check_cancel(cancel)
     progress("write", 0.0, "writing results")
     findings = write_analysis(out_dir, result)

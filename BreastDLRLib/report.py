@@ -110,7 +110,12 @@ def render(findings: Dict[str, Any], folder: Path) -> str:
                      f"<tr><th>Malignancy (image)</th><td>{_bar(p.get('malignancy'), t.get('malignancy_image', t.get('malignancy')))}</td></tr>"
                      + (f"<tr><th>Malignancy (image + clinical)</th><td>{_bar(p.get('malignancy_fused'), t.get('malignancy'))}</td></tr>"
                         if p.get("malignancy_fused") is not None else "") +
-                     f"<tr><th>High risk (BI-RADS 4/5)</th><td>{_bar(p.get('high_risk'), t.get('high_risk'))}</td></tr>"
+                     (f"<tr><th>Malignancy (image + reader's outline)</th><td>{_bar(p.get('malignancy_morphology'), t.get('malignancy'))}</td></tr>"
+                        if p.get("malignancy_morphology") is not None else "") +
+                     f"<tr><th>High risk (BI-RADS 4/5)</th><td>{_bar(p.get('high_risk'), t.get('high_risk_image', t.get('high_risk')))}</td></tr>"
+                     + (f"<tr><th>High risk (image + reader's outline)</th><td>{_bar(p.get('high_risk_morphology'), t.get('high_risk'))}</td></tr>"
+                        if p.get("high_risk_morphology") is not None else "") +
+                     ("<tr><th>Outline</th><td>drawn by the reader</td></tr>" if les.get("outline") == "reader" else "") +
                      "</table>")
         if rec:
             parts.append(f"<p><span class='rec {cls}'>{html.escape(action)}</span> {html.escape(rec.get('text', ''))}</p>")

@@ -145,6 +145,7 @@ def run(request: Dict[str, Any], emit: Emitter, analyze: Optional[Callable[..., 
         model_paths=request.get("model_paths"),
         device=request.get("device", "auto"),
         spacing=request.get("spacing"),
+        outline_path=request.get("outline"),
         progress=emit.progress,
         cancel=None,
     )

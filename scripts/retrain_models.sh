@@ -27,6 +27,12 @@ done
 $py scripts/train_abvs.py --init Resources/Models/breastdlr-malignancy-2d --out Resources/Models/breastdlr-abvs-threeplane --epochs 8
 $py scripts/train_fusion.py --manifest "$manifest" --val "$work/tta/val_malignancy.npz" \
     --out Resources/Models/breastdlr-fusion-age
+for task in malignancy risk; do   # image score + handcrafted features of the reader's outline (seconds)
+  $py scripts/train_morphology.py --manifest "$manifest" --task "$task" --val "$work/tta/val_$task.npz" \
+      --image-model "Resources/Models/breastdlr-$task-2d" --out "Resources/Models/breastdlr-morphology-$task" \
+      --work "$work/morphology"
+done
 $py scripts/restratification.py --manifest "$manifest" --work "$work/tta" --fusion Resources/Models/breastdlr-fusion-age \
     --risk-model Resources/Models/breastdlr-risk-2d
+$py scripts/restratification.py --manifest "$manifest" --work "$work/tta" --morphology "$work/morphology"
 $py -c "from BreastDLRLib.bundles import write_index; print(write_index('Resources/Models'))"

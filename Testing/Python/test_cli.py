@@ -66,6 +66,34 @@ def test_analyze_volume_end_to_end(tiny_bundles, tmp_path):
     assert heat.same_geometry(read_volume(src))
 
 
+def test_analyze_with_a_reader_outline(tiny_bundles, tmp_path):
+    """The reader's two drawn regions become the lesions (largest first), whatever the segmenter would find;
+    the shipped morphology models were fitted on another image model's scores, so they are not applied to the
+    test bundles' and the findings say so."""
+    img, mask = tmp_path / "img.png", tmp_path / "outline.png"
+    Image.fromarray(make_image(seed=2).image.array[0]).save(img)
+    drawn = np.zeros(read_volume(img).shape[1:], np.uint8)
+    drawn[10:30, 10:40] = 255
+    drawn[50:58, 60:66] = 255
+    Image.fromarray(drawn).save(mask)
+    out = tmp_path / "o"
+    rc = main(["analyze", str(img), "--outline", str(mask), "--out", str(out), "--device", "cpu", "--quiet", *models(tiny_bundles)])
+    assert rc == 0
+    f = json.loads((out / "findings.json").read_text())
+    les = f["lesions"]
+    assert [l["outline"] for l in les] == ["reader", "reader"] and les[0]["measurements"]["voxels"] == 600
+    assert les[1]["measurements"]["voxels"] == 48
+    assert all("malignancy_morphology" not in l["probabilities"] for l in les)
+    assert any("was fitted on the scores of breastdlr-malignancy-2d" in n for n in f["clinical_notes"])
+    labels = np.asarray(Image.open(out / "labels.png"))
+    assert ((labels > 0) == (drawn > 0)).all()
+    bad = np.zeros((5, 5), np.uint8)
+    bad[1:3, 1:3] = 255
+    Image.fromarray(bad).save(mask)
+    r = run_cli("analyze", img, "--outline", mask, "--out", tmp_path / "bad", *models(tiny_bundles))
+    assert r.returncode == 2 and "made for this image" in r.stderr and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("content,name", [(b"", "empty.nrrd"), (b"\x00garbage" * 50, "junk.nrrd"), (None, "missing.png")])
 def test_bad_input_one_line_no_files(tiny_bundles, tmp_path, content, name):
     path = tmp_path / name

@@ -319,3 +319,44 @@ def test_most_suspicious_and_names_without_probabilities():
     assert mrml.most_suspicious([a, b, c])["id"] == 3
     assert mrml.most_suspicious([]) is None
     assert mrml.lesion_name(a) == "Lesion 1" and mrml.lesion_name(c) == "Lesion 3 (malignancy 0.40)"
+
+
+# ----------------------------------------------------------------------------------------------- reader outline
+def test_a_reader_segmentation_exports_as_the_outline_analyze_reads(tmp_path):
+    """Segments drawn on an oblique, anisotropic volume come back voxel for voxel on its grid, through the file
+    the worker hands to ``analyze`` (read with the same ``read_mask`` the CLI uses)."""
+    from BreastDLRLib.io import read_mask, read_volume
+
+    shape = (6, 12, 14)
+    image = Volume(np.random.default_rng(0).uniform(0, 200, shape).astype(np.float32), SPACING, ORIGIN, OBLIQUE)
+    scene = mrml.new_scene()
+    ref = mrml.volume_to_node(scene, image, "us")
+    drawn = np.zeros(shape, np.uint8)
+    drawn[1:4, 2:6, 3:9] = 1
+    drawn[4:6, 8:11, 10:13] = 2
+    seg, _ = mrml._add_segmentation(scene, drawn, image.ijk_to_ras(), [{"id": 1}, {"id": 2}], ref)
+    seg.GetDisplayNode().SetSegmentVisibility("lesion_2", False)       # hidden segments are outlines too
+    nodes_before = scene.GetNumberOfNodes()
+    volume_path = mrml.export_volume_node(ref, tmp_path / "input.nrrd")
+    path = mrml.export_outline(seg, ref, tmp_path / "outline.nrrd")
+    assert scene.GetNumberOfNodes() == nodes_before    # the temporary label map is gone
+    outline = read_mask(path, read_volume(volume_path))
+    assert np.array_equal(outline > 0, drawn > 0)
+
+
+def test_an_empty_or_misplaced_reader_segmentation_is_refused(tmp_path):
+    shape = (4, 10, 10)
+    image = Volume(np.ones(shape, np.float32), SPACING, ORIGIN, OBLIQUE)
+    scene = mrml.new_scene()
+    ref = mrml.volume_to_node(scene, image, "us")
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nothing")
+    with pytest.raises(BreastDLRError, match="no segments"):
+        mrml.export_outline(empty, ref, tmp_path / "a.nrrd")
+    far = Volume(np.ones(shape, np.float32), SPACING, (500.0, 500.0, 500.0), OBLIQUE)   # drawn on another volume
+    other = mrml.volume_to_node(scene, far, "elsewhere")
+    drawn = np.zeros(shape, np.uint8)
+    drawn[1:3, 2:5, 2:5] = 1
+    seg, _ = mrml._add_segmentation(scene, drawn, far.ijk_to_ras(), [{"id": 1}], other)
+    with pytest.raises(BreastDLRError, match="draws nothing inside"):
+        mrml.export_outline(seg, ref, tmp_path / "b.nrrd")
+    assert not (tmp_path / "a.nrrd").exists() and not (tmp_path / "b.nrrd").exists()

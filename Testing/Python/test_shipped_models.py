@@ -12,20 +12,20 @@ import pytest
 
 from BreastDLRLib.bundles import list_bundles, open_bundle, read_manifest, sha256_file
 from BreastDLRLib.io import read_mask, read_volume
-from BreastDLRLib.pipeline import Pipeline
+from BreastDLRLib.morphology import FEATURE_NAMES
+from BreastDLRLib.pipeline import OPTIONAL_ROLES, Pipeline
 from BreastDLRLib.resources import resources_dir
 from BreastDLRLib.segmentation import SliceSegmenter
 from BreastDLRLib.training.segmenter import dice_scores
 
 MODELS = resources_dir() / "Models"
 SAMPLES = resources_dir() / "Samples"
-ROLES = {"segmenter", "malignancy", "risk", "fusion", "abvs-malignancy"}
+ROLES = {"segmenter", "malignancy", "risk", "fusion", "abvs-malignancy", "morphology-malignancy", "morphology-risk"}
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return Pipeline.from_paths(None, device="cpu", roles=("segmenter", "malignancy"),
-                               optional_roles=("risk", "abvs-malignancy", "fusion"))
+    return Pipeline.from_paths(None, device="cpu", roles=("segmenter", "malignancy"), optional_roles=OPTIONAL_ROLES)
 
 
 def test_every_shipped_bundle_verifies_and_is_indexed():
@@ -108,3 +108,103 @@ def test_age_changes_the_fused_probability(pipe):
     assert young["malignancy_fused"] != pytest.approx(old["malignancy_fused"])   # applied: fitted on this model
     with pytest.raises(Exception, match="age"):
         pipe.analyze(vol, clinical={"age": 150})
+
+
+def test_a_reader_outline_is_scored_with_its_morphology_and_the_segmenters_is_not(pipe):
+    vol = read_volume(SAMPLES / "breast_us_sample.png", spacing=0.109768)
+    drawn = vol.with_array(read_mask(SAMPLES / "breast_us_sample_mask.png", vol))
+    auto = pipe.analyze(vol, birads="4a", explain=False).lesions[0]
+    assert auto.outline == "segmenter" and "malignancy_morphology" not in auto.probabilities
+    reader = pipe.analyze(vol, birads="4a", explain=False, outline=drawn).lesions[0]
+    p, th = reader.probabilities, reader.thresholds
+    assert reader.outline == "reader" and set(reader.features) == set(FEATURE_NAMES)
+    # the morphology head, by hand: [logit(image probability), features] through its stored linear model
+    head = json.loads((MODELS / "breastdlr-morphology-malignancy" / "head.json").read_text())["state"]
+    x = np.r_[np.log(p["malignancy"] / (1 - p["malignancy"])), [reader.features[n] for n in FEATURE_NAMES]]
+    z = ((x - head["mean_"]) / head["scale_"]) @ np.asarray(head["coef_"][0]) + head["intercept_"][0]
+    assert p["malignancy_morphology"] == pytest.approx(1 / (1 + np.exp(-z)), rel=1e-9)
+    assert 0 <= p["high_risk_morphology"] <= 1
+    # decisions use the morphology probabilities and thresholds; the image models keep theirs beside them
+    mal = open_bundle(MODELS / "breastdlr-morphology-malignancy")
+    assert th["malignancy"] == mal.thresholds["probability"] and th["malignancy_image"] == 0.5
+    assert Pipeline.decision_probability(reader) == p["malignancy_morphology"]
+    assert reader.recommendation.p_high_risk == pytest.approx(p["high_risk_morphology"])
+    assert "malignancy_fused" not in p   # the age head was fitted on image scores alone
+
+
+def test_a_reader_outline_on_another_grid_or_empty_is_refused(pipe):
+    vol = read_volume(SAMPLES / "breast_us_sample.png")
+    with pytest.raises(Exception, match="another image"):
+        pipe.analyze(vol, outline=read_volume(SAMPLES / "synthetic_image_mask.png"))
+    with pytest.raises(Exception, match="empty"):
+        pipe.analyze(vol, outline=vol.with_array(np.zeros(vol.shape, np.uint8)))
+
+
+def test_predict_with_manifest_outlines(shared_data, tmp_path):
+    import csv
+
+    from BreastDLRLib.batch import predict_manifest
+
+    src = shared_data / "breast-us" / "manifest.csv"
+    rows = list(csv.DictReader(open(src, newline="")))
+    pick = [r for r in rows if r["dataset"] == "breastlesions" and r["label"] in ("benign", "malignant")][:2]
+    pick += [r for r in rows if r["dataset"] == "busi" and r["label"] == "normal"][:1]     # an empty mask
+    for r in pick:
+        r["image"] = str(src.parent / r["image"])
+        r["mask"] = str(src.parent / r["mask"]) if r["mask"] else ""
+    man = tmp_path / "m.csv"
+    with open(man, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(pick[0]))
+        w.writeheader()
+        w.writerows(pick)
+    predict_manifest(man, tmp_path / "reader.csv", device="cpu", outline="manifest")
+    predict_manifest(man, tmp_path / "auto.csv", device="cpu")
+    reader = list(csv.DictReader(open(tmp_path / "reader.csv")))
+    auto = list(csv.DictReader(open(tmp_path / "auto.csv")))
+    assert [r["outline"] for r in reader] == ["reader", "reader", "segmenter"]
+    assert [r["outline"] for r in auto] == ["segmenter"] * 3
+    assert all(r["error"] == "" for r in reader + auto)
+    assert reader[2]["probability_malignant"] == auto[2]["probability_malignant"]    # fell back to the segmenter
+    pipe = Pipeline.from_paths(None, device="cpu", roles=("segmenter", "malignancy"), optional_roles=OPTIONAL_ROLES)
+    for r, row in zip(reader[:2], pick):   # the reader's outline went through the morphology head
+        vol = read_volume(row["image"])
+        lr = pipe.analyze(vol, explain=False, outline=vol.with_array(read_mask(row["mask"], vol))).lesions[0]
+        assert float(r["probability_malignant"]) == pytest.approx(lr.probabilities["malignancy_morphology"], abs=1e-6)
+        assert float(r["probability_high_risk"]) == pytest.approx(lr.probabilities["high_risk_morphology"], abs=1e-6)
+
+
+def test_a_stray_speck_in_the_outline_is_scored_by_the_image_models_alone(pipe):
+    vol = read_volume(SAMPLES / "breast_us_sample.png", spacing=0.109768)
+    drawn = read_mask(SAMPLES / "breast_us_sample_mask.png", vol).copy()
+    drawn[0, 2:4, 2:4] = 1        # 4 pixels far from the lesion
+    res = pipe.analyze(vol, explain=False, outline=vol.with_array(drawn))
+    big, speck = res.lesions
+    assert big.lesion.voxels > 1000 and speck.lesion.voxels == 4
+    assert "malignancy_morphology" in big.probabilities and "malignancy_morphology" not in speck.probabilities
+    assert any("at least 16" in n and "image models alone" in n for n in speck.notes)
+    assert speck.thresholds["malignancy"] != big.thresholds["malignancy"]   # the speck keeps the image/fusion threshold
+
+
+def test_a_volume_outline_is_used_but_not_scored_by_the_2d_morphology_models(pipe):
+    vol = read_volume(SAMPLES / "synthetic_abvs.nrrd")
+    truth = read_mask(SAMPLES / "synthetic_abvs_label.nrrd", vol)
+    res = pipe.analyze(vol, explain=False, outline=vol.with_array(truth))
+    assert res.lesions and all(lr.outline == "reader" for lr in res.lesions)
+    assert sum(lr.lesion.voxels for lr in res.lesions) == int((truth > 0).sum())
+    assert all("malignancy_morphology" not in lr.probabilities for lr in res.lesions)
+    assert any("describes 2D outlines" in n for n in res.lesions[0].notes)
+
+
+def test_a_morphology_bundle_with_other_features_is_refused(tmp_path):
+    from BreastDLRLib.bundles import save_head_bundle
+    from BreastDLRLib.errors import ModelBundleError
+
+    src = open_bundle(MODELS / "breastdlr-morphology-malignancy")
+    manifest = json.loads((src.path / "manifest.json").read_text())
+    manifest["input"]["features"] = manifest["input"]["features"][:1] + list(reversed(manifest["input"]["features"][1:]))
+    head = json.loads((src.path / "head.json").read_text())
+    other = save_head_bundle(tmp_path / "other", head, manifest, "card").path
+    p = Pipeline.from_paths([str(other)], device="cpu", roles=("segmenter", "malignancy"))
+    vol = read_volume(SAMPLES / "breast_us_sample.png")
+    with pytest.raises(ModelBundleError, match="other outline features"):
+        p.analyze(vol, explain=False, outline=vol.with_array(read_mask(SAMPLES / "breast_us_sample_mask.png", vol)))
