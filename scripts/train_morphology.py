@@ -40,6 +40,26 @@ def auc_ci(y, s):
     return [r.auc, r.ci_low, r.ci_high]
 
 
+def features_only_cv(cases, feats, task: str, C: float, k: int = 5, seed: int = 0):
+    """Stage 1 alone (features only) in patient-level stratified k-fold CV over every labelled outline: more
+    lesions behind one figure than the held-out fold alone."""
+    from BreastDLRLib.clinical import LinearFusionHead
+    from BreastDLRLib.training.classifier import classifier_folds
+
+    kept = [c for c in cases if c.case_id in feats and label_of(c, task) is not None]
+    x = np.array([feats[c.case_id] for c in kept])
+    y = np.array([label_of(c, task) for c in kept])
+    folds = classifier_folds(kept, (task,), k, seed)
+    oof = np.zeros(len(y))
+    for f in range(k):
+        te = folds == f
+        oof[te] = LinearFusionHead(C=C).fit(x[~te], y[~te]).decision_function(x[te])
+    ds = np.array([c.dataset for c in kept])
+    return {"lesions": int(len(y)), "patients": len({f"{c.dataset}/{c.patient_id}" for c in kept}),
+            "auc": auc_ci(y, oof),
+            "by_dataset": {d: roc_auc(y[ds == d], oof[ds == d]).auc for d in sorted(set(ds)) if len(set(y[ds == d])) == 2}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", required=True)
@@ -70,6 +90,7 @@ def main() -> None:
     x_held = np.array([feats[c.case_id] for c in held])
     fit = fit_morphology_head(x_tr, y_tr, logit(p_img), x_held, y, [f"{c.dataset}/{c.patient_id}" for c in held], C=a.C)
     ds = np.array([c.dataset for c in held])
+    cv5 = features_only_cv(cases, feats, a.task, a.C)
     res = {
         "train_cases": int(len(y_tr)), "train_patients": len({f"{c.dataset}/{c.patient_id}" for c in tr_cases}),
         "held_out_cases": int(len(y)), "held_out_patients": len({f"{c.dataset}/{c.patient_id}" for c in held}),
@@ -80,6 +101,7 @@ def main() -> None:
                            "auc_image_only": roc_auc(y[ds == d], p_img[ds == d]).auc}
                        for d in sorted(set(ds)) if len(set(y[ds == d])) == 2},
         "stage2": {"image_logit": fit.stage2[0], "feature_score": fit.stage2[1], "intercept": fit.stage2[2]},
+        "features_only_5fold_cv": cv5,
     }
     if a.task == "malignancy":
         threshold = rule_out_threshold(y, fit.oof, a.sensitivity)
@@ -146,6 +168,7 @@ so not applied.
 - fused: AUC {f['cv_auc_fused'][0]:.3f} ({f['cv_auc_fused'][1]:.3f}-{f['cv_auc_fused'][2]:.3f})
 - image model alone: {f['auc_image_only'][0]:.3f} ({f['auc_image_only'][1]:.3f}-{f['auc_image_only'][2]:.3f}); DeLong p = {f['delong_fused_vs_image']:.2g}
 - features alone (stage 1, fitted on other patients): {f['auc_features_only'][0]:.3f} ({f['auc_features_only'][1]:.3f}-{f['auc_features_only'][2]:.3f})
+- features alone in patient-level 5-fold CV over all {cv5['lesions']} outlined lesions ({cv5['patients']} patients): {cv5['auc'][0]:.3f} ({cv5['auc'][1]:.3f}-{cv5['auc'][2]:.3f}); {', '.join(f"{d} {v:.3f}" for d, v in cv5['by_dataset'].items())}
 - by dataset (fused / image alone): {'; '.join(f"{d} {v['cv_auc_fused']:.3f} / {v['auc_image_only']:.3f} (n={v['cases']})" for d, v in f['by_dataset'].items())}
 {rule}
 **Features.**
