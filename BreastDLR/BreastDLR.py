@@ -385,7 +385,8 @@ class BreastDLRLogic(ScriptedLoadableModuleLogic):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         workDir = Path(tempfile.mkdtemp(prefix=f"BreastDLR-{stamp}-", dir=slicer.app.temporaryPath))
         inputPath = mrml.export_volume_node(volumeNode, workDir / "input.nrrd")
-        outlinePath = mrml.export_outline(outlineNode, volumeNode, workDir / "outline.nrrd") if outlineNode else None
+        outlinePath, outlineSource = (mrml.export_outline(outlineNode, volumeNode, workDir / "outline.nrrd")
+                                      if outlineNode else (None, None))
         request = {
             "input": str(inputPath),
             "out_dir": str(workDir / "results"),
@@ -395,6 +396,7 @@ class BreastDLRLogic(ScriptedLoadableModuleLogic):
             "device": device,
             "spacing": spacing,
             "outline": str(outlinePath) if outlinePath else None,
+            "outline_source": outlineSource,
         }
         process = self.processFactory(request, workDir)
         process.start()

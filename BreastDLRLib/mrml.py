@@ -31,6 +31,7 @@ from .errors import BreastDLRError, InputError
 from .volume import LPS_TO_RAS, Volume
 
 ROLE_ATTRIBUTE = "BreastDLR.Role"
+OUTLINE_HASH_ATTRIBUTE = "BreastDLR.OutlineSHA256"   # of the segmenter's outlines, to tell an edited copy
 FINDINGS_ATTRIBUTE = "BreastDLR.Findings"
 
 #: Slicer terminology string of a breast mass (see the module docstring for the codes).
@@ -230,10 +231,20 @@ def export_volume_node(node, path: os.PathLike) -> Path:
     return path
 
 
-def export_outline(segmentation_node, reference_node, path: os.PathLike) -> Path:
-    """Write the segments of ``segmentation_node`` (a reader's lesion outlines, all segments, visible or not) as a
-    label map on the grid of ``reference_node`` (the analysed volume), for ``analyze``'s ``outline``.
+def outline_hash(labels: np.ndarray) -> str:
+    """sha256 of which voxels are inside any lesion (shape included)."""
+    import hashlib
 
+    inside = np.ascontiguousarray(np.asarray(labels) > 0)
+    return hashlib.sha256(repr(inside.shape).encode() + np.packbits(inside).tobytes()).hexdigest()
+
+
+def export_outline(segmentation_node, reference_node, path: os.PathLike) -> Tuple[Path, str]:
+    """Write the segments of ``segmentation_node`` (lesion outlines, all segments, visible or not) as a label map
+    on the grid of ``reference_node`` (the analysed volume), for ``analyze``'s ``outline``.
+
+    Returns the file and who drew the outline: ``"segmenter"`` when it is BreastDLR's own segmentation left as
+    the segmenter made it (the morphology models must not score it as a reader's), else ``"reader"``.
     Raises :class:`BreastDLRError` when the segmentation draws nothing inside that volume.
     """
     import slicer
@@ -252,10 +263,12 @@ def export_outline(segmentation_node, reference_node, path: os.PathLike) -> Path
                                                                                       reference_node):
             raise BreastDLRError(f"The lesion outline '{segmentation_node.GetName()}' could not be placed on "
                                  f"'{reference_node.GetName()}'.")
-        if not np.any(_image_array(label.GetImageData()) > 0):
+        drawn = _image_array(label.GetImageData())
+        if not np.any(drawn > 0):
             raise BreastDLRError(f"The lesion outline '{segmentation_node.GetName()}' draws nothing inside "
                                  f"'{reference_node.GetName()}'; draw the lesion on this image.")
-        return export_volume_node(label, path)
+        unedited = segmentation_node.GetAttribute(OUTLINE_HASH_ATTRIBUTE) == outline_hash(drawn)
+        return export_volume_node(label, path), "segmenter" if unedited else "reader"
     finally:   # the label map and what the export made for it (display, colour table) leave the scene
         for node in [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]:
             if node is not None and node.GetID() not in before:
@@ -525,6 +538,7 @@ def add_findings_to_scene(scene, findings: Mapping[str, Any], findings_dir: os.P
         labels = _image_array(label_node.GetImageData())
         ijk_to_ras = node_ijk_to_ras(label_node, world=False)
         seg_node, segment_ids = _add_segmentation(scene, labels, ijk_to_ras, lesions, reference_node or label_node)
+        seg_node.SetAttribute(OUTLINE_HASH_ATTRIBUTE, outline_hash(labels))   # the segmenter's outlines, as made
         boxes = _bbox_from_labels(labels)
     finally:
         storage = label_node.GetStorageNode()

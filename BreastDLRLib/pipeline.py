@@ -132,9 +132,12 @@ class Pipeline:
         return Analysis(volume, seg.probability, labels, [LesionResult(l) for l in lesions], None, self.models(),
                         timings=timings, precision=seg.precision)
 
-    def reader_outline(self, volume: Volume, outline: Volume) -> Analysis:
-        """Lesions from a reader's outline (a label map on ``volume``'s grid: each connected region of non-zero
-        voxels is one lesion) instead of the segmenter's; they are marked ``outline="reader"``."""
+    def reader_outline(self, volume: Volume, outline: Volume, source: str = "reader") -> Analysis:
+        """Lesions from a given outline (a label map on ``volume``'s grid: each connected region of non-zero
+        voxels is one lesion) instead of the segmenter's; they are marked ``outline=source``: ``"reader"``, or
+        ``"segmenter"`` for BreastDLR's own segmentation handed back unedited."""
+        if source not in ("reader", "segmenter"):
+            raise ValueError(f"outline source must be 'reader' or 'segmenter', not {source!r}")
         from scipy import ndimage
 
         from .lesions import lesions_from_labels
@@ -157,21 +160,27 @@ class Pipeline:
             relabelled[labels == les.id] = order[les.id]
             les.id = order[les.id]
         return Analysis(volume, volume.with_array((relabelled > 0).astype(np.float32)), volume.with_array(relabelled),
-                        [LesionResult(l, outline="reader") for l in lesions], None, self.models(),
+                        [LesionResult(l, outline=source) for l in lesions], None, self.models(),
                         timings={"lesions": time.perf_counter() - t0})
 
     def analyze(self, volume: Volume, clinical: Optional[Mapping[str, Any]] = None, birads: Optional[str] = None,
                 explain: bool = True, progress: ProgressCallback = no_progress,
-                cancel: Optional[CancelCheck] = None, outline: Optional[Volume] = None) -> Analysis:
-        """Segment (or take the reader's ``outline``), then classify, explain and recommend for every lesion."""
+                cancel: Optional[CancelCheck] = None, outline: Optional[Volume] = None,
+                outline_source: str = "reader") -> Analysis:
+        """Segment (or take the given ``outline``, drawn by ``outline_source``), then classify, explain and
+        recommend for every lesion."""
         from .recommend import normalise_birads
 
         birads_n = normalise_birads(birads) if birads else None
         schema = self.clinical_schema()
         cleaned, notes = self.parse_clinical(schema, clinical or {})
         if outline is not None:
-            result = self.reader_outline(volume, outline)
-            progress("segment", 0.6, f"{len(result.lesions)} lesion(s) outlined by the reader")
+            result = self.reader_outline(volume, outline, outline_source)
+            progress("segment", 0.6, f"{len(result.lesions)} lesion(s) in the outline given")
+            if outline_source == "segmenter":
+                notes.append("The lesion outline given is BreastDLR's own automatic segmentation, unedited: it was "
+                             "scored as the segmenter's outline, without the morphology models. Correct it in the "
+                             "Segment Editor to have it scored as your outline.")
         else:
             result = self.segment(volume, progress=lambda s, f, m="": progress("segment", 0.6 * f, m), cancel=cancel)
         result.clinical, result.clinical_notes, result.birads = cleaned, notes, birads_n
@@ -394,18 +403,20 @@ OPTIONAL_ROLES = ("risk", "abvs-malignancy", "fusion", "morphology-malignancy", 
 def analyze_volume(volume: Volume, *, model_paths: Optional[Sequence[str]] = None, device: str = "auto",
                    clinical: Optional[Mapping[str, Any]] = None, birads: Optional[str] = None,
                    progress: ProgressCallback = no_progress, cancel: Optional[CancelCheck] = None,
-                   outline: Optional[Volume] = None) -> Analysis:
+                   outline: Optional[Volume] = None, outline_source: str = "reader") -> Analysis:
     pipe = Pipeline.from_paths(model_paths, device=device, roles=("segmenter", "malignancy"),
                                optional_roles=OPTIONAL_ROLES)
-    return pipe.analyze(volume, clinical=clinical, birads=birads, progress=progress, cancel=cancel, outline=outline)
+    return pipe.analyze(volume, clinical=clinical, birads=birads, progress=progress, cancel=cancel, outline=outline,
+                        outline_source=outline_source)
 
 
 def analyze_file(input_path: str | Path, out_dir: str | Path, *, clinical: Optional[Mapping[str, Any]] = None,
                  birads: Optional[str] = None, model_paths: Optional[Sequence[str]] = None, device: str = "auto",
                  spacing: Any = None, progress: ProgressCallback = no_progress,
-                 cancel: Optional[CancelCheck] = None, outline_path: Optional[str | Path] = None) -> Dict[str, Any]:
-    """Read a file (and a reader's lesion outline, a mask or label file on its grid), analyse it and write every
-    result into ``out_dir``; returns the findings dict."""
+                 cancel: Optional[CancelCheck] = None, outline_path: Optional[str | Path] = None,
+                 outline_source: str = "reader") -> Dict[str, Any]:
+    """Read a file (and a lesion outline, a mask or label file on its grid, drawn by ``outline_source``),
+    analyse it and write every result into ``out_dir``; returns the findings dict."""
     from .io import read_mask, read_volume
     from .outputs import write_analysis
 
@@ -413,7 +424,7 @@ def analyze_file(input_path: str | Path, out_dir: str | Path, *, clinical: Optio
     volume = read_volume(input_path, spacing=spacing)
     outline = volume.with_array(read_mask(outline_path, volume)) if outline_path else None
     result = analyze_volume(volume, model_paths=model_paths, device=device, clinical=clinical, birads=birads,
-                            progress=progress, cancel=cancel, outline=outline)
+                            progress=progress, cancel=cancel, outline=outline, outline_source=outline_source)
     check_cancel(cancel)
     progress("write", 0.0, "writing results")
     findings = write_analysis(out_dir, result)

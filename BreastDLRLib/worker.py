@@ -146,6 +146,7 @@ def run(request: Dict[str, Any], emit: Emitter, analyze: Optional[Callable[..., 
         device=request.get("device", "auto"),
         spacing=request.get("spacing"),
         outline_path=request.get("outline"),
+        outline_source=request.get("outline_source") or "reader",
         progress=emit.progress,
         cancel=None,
     )

@@ -338,7 +338,8 @@ def test_a_reader_segmentation_exports_as_the_outline_analyze_reads(tmp_path):
     seg.GetDisplayNode().SetSegmentVisibility("lesion_2", False)       # hidden segments are outlines too
     nodes_before = scene.GetNumberOfNodes()
     volume_path = mrml.export_volume_node(ref, tmp_path / "input.nrrd")
-    path = mrml.export_outline(seg, ref, tmp_path / "outline.nrrd")
+    path, source = mrml.export_outline(seg, ref, tmp_path / "outline.nrrd")
+    assert source == "reader"     # drawn by hand here, not BreastDLR's own output
     assert scene.GetNumberOfNodes() == nodes_before    # the temporary label map is gone
     outline = read_mask(path, read_volume(volume_path))
     assert np.array_equal(outline > 0, drawn > 0)
@@ -360,3 +361,19 @@ def test_an_empty_or_misplaced_reader_segmentation_is_refused(tmp_path):
     with pytest.raises(BreastDLRError, match="draws nothing inside"):
         mrml.export_outline(seg, ref, tmp_path / "b.nrrd")
     assert not (tmp_path / "a.nrrd").exists() and not (tmp_path / "b.nrrd").exists()
+
+
+def test_breastdlrs_own_segmentation_unedited_is_the_segmenters_outline_and_edited_a_readers(findings_case, tmp_path):
+    case = findings_case
+    ids = mrml.add_findings_to_scene(case["scene"], case["findings"], case["dir"], case["reference"])
+    seg = case["scene"].GetNodeByID(ids["segmentation"])
+    _, source = mrml.export_outline(seg, case["reference"], tmp_path / "as_made.nrrd")
+    assert source == "segmenter"
+    saved = mrml.save_scene(case["scene"], tmp_path / "scene.mrb")             # the mark survives a saved scene
+    fresh = mrml.load_scene(saved)
+    again = mrml.nodes_with_role(fresh, "segmentation")[0]
+    assert mrml.export_outline(again, fresh.GetFirstNodeByName("input"), tmp_path / "reloaded.nrrd")[1] == "segmenter"
+    seg.GetSegmentation().RemoveSegment(ids["segments"][1])                      # the reader rejects lesion 1
+    path, source = mrml.export_outline(seg, case["reference"], tmp_path / "edited.nrrd")
+    assert source == "reader"
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > 0, case["labels"] == 2)

@@ -208,3 +208,13 @@ def test_a_morphology_bundle_with_other_features_is_refused(tmp_path):
     vol = read_volume(SAMPLES / "breast_us_sample.png")
     with pytest.raises(ModelBundleError, match="other outline features"):
         p.analyze(vol, explain=False, outline=vol.with_array(read_mask(SAMPLES / "breast_us_sample_mask.png", vol)))
+
+
+def test_breastdlrs_own_outline_handed_back_unedited_gets_no_morphology(pipe):
+    vol = read_volume(SAMPLES / "breast_us_sample.png", spacing=0.109768)
+    drawn = vol.with_array(read_mask(SAMPLES / "breast_us_sample_mask.png", vol))
+    res = pipe.analyze(vol, explain=False, outline=drawn, outline_source="segmenter")
+    lr = res.lesions[0]
+    assert lr.outline == "segmenter" and "malignancy_morphology" not in lr.probabilities
+    assert lr.lesion.voxels == int(drawn.array.sum())          # the outline given is still the lesion
+    assert any("unedited" in n for n in res.clinical_notes)

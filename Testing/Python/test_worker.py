@@ -109,7 +109,7 @@ def test_empty_input_and_unreadable_request(tmp_path):
 STAND_IN_OK = """
 import json, os, pathlib
 def analyze_file(input_path, out_dir, *, clinical=None, birads=None, model_paths=None, device="auto", spacing=None,
-                 outline_path=None, progress=None, cancel=None):
+                 outline_path=None, outline_source=None, progress=None, cancel=None):
     print("noise from a library on sys.stdout")
     os.write(1, b"noise on file descriptor 1\\n")
     for i, stage in enumerate(["load", "segment", "classify"]):
@@ -117,7 +117,8 @@ def analyze_file(input_path, out_dir, *, clinical=None, birads=None, model_paths
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     findings = {"lesions": [], "echo": {"clinical": clinical, "birads": birads, "device": device, "spacing": spacing,
-                                         "model_paths": model_paths, "outline": outline_path}}
+                                         "model_paths": model_paths, "outline": outline_path,
+                                         "outline_source": outline_source}}
     (out / "findings.json").write_text(json.dumps(findings))
     progress("done", 1.0, "finished")
     return findings
@@ -144,7 +145,7 @@ def test_progress_then_done_and_stdout_stays_json(tmp_path):
     scan = tmp_path / "scan.nrrd"
     scan.write_bytes(b"not read by the stand-in")
     req = write_request(tmp_path, input=str(scan), clinical={"age": 52}, birads="4a", spacing=0.1, model_paths=["m"],
-                        outline=str(tmp_path / "outline.nrrd"))
+                        outline=str(tmp_path / "outline.nrrd"), outline_source="segmenter")
     code, lines, stderr = run_worker(req, STAND_IN_OK)
     assert code == 0, stderr
     assert [l["type"] for l in lines] == ["progress"] * 4 + ["done"]
@@ -157,7 +158,7 @@ def test_progress_then_done_and_stdout_stays_json(tmp_path):
     assert findings == tmp_path / "out" / "findings.json" and findings.is_file()
     echo = json.loads(findings.read_text())["echo"]
     assert echo == {"clinical": {"age": 52}, "birads": "4a", "device": "cpu", "spacing": 0.1, "model_paths": ["m"],
-                    "outline": str(tmp_path / "outline.nrrd")}
+                    "outline": str(tmp_path / "outline.nrrd"), "outline_source": "segmenter"}
 
 
 def test_internal_error_is_one_line_with_traceback_on_stderr(tmp_path):
