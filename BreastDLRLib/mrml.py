@@ -74,6 +74,7 @@ TABLE_COLUMNS: Tuple[Tuple[str, str, str], ...] = (
     ("malignancy probability", "double", ""),
     ("high-risk probability", "double", ""),
     ("recommendation", "string", ""),
+    ("outline", "string", ""),
 )
 TABLE_NAME = "BreastDLR lesions"
 SEGMENTATION_NAME = "BreastDLR segmentation"
@@ -296,9 +297,18 @@ def _fmt_prob(p: Optional[float]) -> str:
     return "n/a" if p is None else f"{float(p):.2f}"
 
 
+def decision_probabilities(lesion: Mapping[str, Any]) -> Tuple[Optional[float], Optional[float]]:
+    """(malignancy, high risk) as the lesion's decision used them: the morphology models' for a reader's outline,
+    else the clinical fusion model's (malignancy), else the image models'."""
+    p = lesion.get("probabilities") or {}
+    mal = next((p[k] for k in ("malignancy_morphology", "malignancy_fused", "malignancy") if p.get(k) is not None), None)
+    risk = next((p[k] for k in ("high_risk_morphology", "high_risk") if p.get(k) is not None), None)
+    return mal, risk
+
+
 def lesion_name(lesion: Mapping[str, Any]) -> str:
     """'Lesion 1 (malignancy 0.72)', or 'Lesion 1' when no probability was computed."""
-    p = (lesion.get("probabilities") or {}).get("malignancy")
+    p = decision_probabilities(lesion)[0]
     return f"Lesion {lesion['id']}" + ("" if p is None else f" (malignancy {_fmt_prob(p)})")
 
 
@@ -308,7 +318,7 @@ def most_suspicious(lesions: Sequence[Mapping[str, Any]]) -> Optional[Mapping[st
         return None
 
     def key(l: Mapping[str, Any]):
-        p = (l.get("probabilities") or {}).get("malignancy")
+        p = decision_probabilities(l)[0]
         vol = (l.get("measurements") or {}).get("volume_mm3") or 0.0
         return (-1.0 if p is None else float(p), float(vol))
 
@@ -484,7 +494,7 @@ def _add_heatmap(scene, path: Path):
 
 def _table_row(lesion: Mapping[str, Any]) -> List[Any]:
     m = lesion.get("measurements") or {}
-    p = lesion.get("probabilities") or {}
+    mal, risk = decision_probabilities(lesion)
     rec = lesion.get("recommendation") or {}
     text = rec.get("text") or rec.get("action") or ""
 
@@ -493,7 +503,7 @@ def _table_row(lesion: Mapping[str, Any]) -> List[Any]:
 
     return [int(lesion["id"]), num(m.get("max_diameter_mm")), num(m.get("volume_mm3")),
             num(m.get("depth_from_skin_mm")), str(m.get("orientation") or ""),
-            num(p.get("malignancy")), num(p.get("high_risk")), str(text)]
+            num(mal), num(risk), str(text), str(lesion.get("outline") or "segmenter")]
 
 
 def _add_table(scene, lesions: Sequence[Mapping[str, Any]]):

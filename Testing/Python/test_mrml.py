@@ -321,6 +321,23 @@ def test_most_suspicious_and_names_without_probabilities():
     assert mrml.lesion_name(a) == "Lesion 1" and mrml.lesion_name(c) == "Lesion 3 (malignancy 0.40)"
 
 
+def test_the_scene_shows_the_probabilities_the_decision_used():
+    """Names, the focus lesion and the table follow the morphology model (reader outline), else the clinical
+    fusion model, else the image model: the numbers beside a recommendation are the ones that made it."""
+    reader = {"id": 1, "outline": "reader", "measurements": {},
+              "probabilities": {"malignancy": 0.2, "malignancy_fused": 0.25, "malignancy_morphology": 0.9,
+                                "high_risk": 0.3, "high_risk_morphology": 0.7}}
+    fused = {"id": 2, "measurements": {}, "probabilities": {"malignancy": 0.8, "malignancy_fused": 0.6, "high_risk": 0.4}}
+    assert mrml.decision_probabilities(reader) == (0.9, 0.7)
+    assert mrml.decision_probabilities(fused) == (0.6, 0.4)
+    assert mrml.lesion_name(reader) == "Lesion 1 (malignancy 0.90)" and mrml.lesion_name(fused) == "Lesion 2 (malignancy 0.60)"
+    assert mrml.most_suspicious([reader, fused])["id"] == 1
+    row = mrml._table_row(reader)
+    names = [c[0] for c in mrml.TABLE_COLUMNS]
+    assert row[names.index("malignancy probability")] == 0.9 and row[names.index("high-risk probability")] == 0.7
+    assert row[names.index("outline")] == "reader" and mrml._table_row(fused)[names.index("outline")] == "segmenter"
+
+
 # ----------------------------------------------------------------------------------------------- reader outline
 def test_a_reader_segmentation_exports_as_the_outline_analyze_reads(tmp_path):
     """Segments drawn on an oblique, anisotropic volume come back voxel for voxel on its grid, through the file
