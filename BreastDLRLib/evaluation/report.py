@@ -36,7 +36,8 @@ CLASS_NAMES = {"malignancy": ("benign", "malignant"), "risk": ("BI-RADS 2-3", "B
 TRUTH_COLUMN = {"malignancy": "label", "risk": "birads"}
 MISSING = {"", "nan", "na", "n/a", "none", "null"}
 REASONS = ("not_in_truth", "no_reference_label", "prediction_error", "missing_score")
-GROUP_COLUMNS = ("dataset", "device")
+GROUP_COLUMNS = ("dataset", "device")         # from the truth manifest
+PREDICTION_GROUP_COLUMNS = ("outline",)         # from the predictions (``predict`` writes who drew the outline)
 DECISION_THRESHOLDS = np.arange(1, 100) / 100.0
 CALIBRATION_BINS = 10
 PLOTS = ("roc.png", "calibration.png", "decision_curve.png", "confusion_matrix.png", "tsne.png")
@@ -52,7 +53,7 @@ class Joined:
     case_ids: List[str]
     y: np.ndarray                               # bool, True = positive class
     scores: Dict[str, np.ndarray]
-    groups: Dict[str, Optional[List[str]]]      # "dataset"/"device" -> value per case, None without the column
+    groups: Dict[str, Optional[List[str]]]      # "dataset"/"device"/"outline" -> value per case, None without it
     excluded: Dict[str, int]                    # reason -> number of prediction rows
     n_prediction_rows: int
     n_truth_rows: int
@@ -126,6 +127,7 @@ def join_predictions(predictions: str | Path, truth: str | Path, columns: Sequen
     excluded = {r: 0 for r in REASONS}
     ids, ys, sc = [], [], {c: [] for c in columns}
     groups: Dict[str, Optional[List[str]]] = {g: ([] if g in tcols else None) for g in GROUP_COLUMNS}
+    groups.update({g: ([] if g in pcols else None) for g in PREDICTION_GROUP_COLUMNS})
     for row in prows:
         cid = row["case_id"].strip()
         values = {c: parse_score(row[c], c, cid) for c in columns}  # a bad cell is an error in any row
@@ -146,7 +148,8 @@ def join_predictions(predictions: str | Path, truth: str | Path, columns: Sequen
                 sc[c].append(values[c])
             for g, vals in groups.items():
                 if vals is not None:
-                    vals.append(t.get(g, "").strip() or "(unknown)")
+                    src = row if g in PREDICTION_GROUP_COLUMNS else t
+                    vals.append((src.get(g) or "").strip() or "(unknown)")
     y = np.array(ys, dtype=bool)
     if y.size == 0:
         detail = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in excluded.items() if n)
@@ -483,7 +486,7 @@ def render_html(metrics: Dict[str, Any], images: Dict[str, bytes], sources: Tupl
             [[c["a"], c["b"], f"{_f(c['delong']['difference'])} ({_f(c['delong']['ci_low'])} to {_f(c['delong']['ci_high'])})",
               _f(c["delong"]["p_value"], 4), c["mcnemar"]["a_correct_b_wrong"], c["mcnemar"]["a_wrong_b_correct"],
               _f(c["mcnemar"]["p_value"], 4)] for c in metrics["comparisons"]]))
-    for g in ("dataset", "device"):
+    for g in (*GROUP_COLUMNS, *PREDICTION_GROUP_COLUMNS):
         rows = [[col, name, e["n"], e["n_positive"], e["n_negative"], _f(e["auc"]), _ci(e["ci_low"], e["ci_high"])]
                 for col, m in metrics["columns"].items() for name, e in (m.get(f"by_{g}") or {}).items()]
         if rows:
