@@ -119,6 +119,13 @@ def render(findings: Dict[str, Any], folder: Path) -> str:
                      "</table>")
         if rec:
             parts.append(f"<p><span class='rec {cls}'>{html.escape(action)}</span> {html.escape(rec.get('text', ''))}</p>")
+        feats = les.get("outline_features") or {}
+        if feats:
+            from .morphology import FEATURES
+
+            parts.append("<details><summary>Outline features (the morphology models' inputs)</summary><table>" +
+                         "".join(f"<tr><th>{html.escape(n)}</th><td>{_fmt(feats[n], 3)}</td><td><small>{html.escape(d)}"
+                                 "</small></td></tr>" for n, d in FEATURES if n in feats) + "</table></details>")
     parts.append(f"<p><small>BreastDLR {html.escape(findings['software']['version'])}. Threshold ticks mark the "
                  "decision thresholds of each model.</small></p></body></html>")
     return "\n".join(parts)

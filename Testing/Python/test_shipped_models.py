@@ -218,3 +218,17 @@ def test_breastdlrs_own_outline_handed_back_unedited_gets_no_morphology(pipe):
     assert lr.outline == "segmenter" and "malignancy_morphology" not in lr.probabilities
     assert lr.lesion.voxels == int(drawn.array.sum())          # the outline given is still the lesion
     assert any("unedited" in n for n in res.clinical_notes)
+
+
+def test_the_report_shows_a_reader_outline_and_its_features(tmp_path):
+    from BreastDLRLib.cli import main
+
+    out = tmp_path / "o"
+    assert main(["analyze", str(SAMPLES / "breast_us_sample.png"), "--outline", str(SAMPLES / "breast_us_sample_mask.png"),
+                 "--out", str(out), "--no-explain", "--device", "cpu", "--quiet"]) == 0
+    findings = json.loads((out / "findings.json").read_text())
+    (les,) = findings["lesions"]
+    assert les["outline"] == "reader" and set(les["outline_features"]) == set(FEATURE_NAMES)
+    html = (out / "report.html").read_text()
+    assert "image + reader&#x27;s outline" in html or "image + reader's outline" in html
+    assert "Outline features" in html and all(f"<th>{n}</th>" in html for n in FEATURE_NAMES)
