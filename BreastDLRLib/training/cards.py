@@ -90,6 +90,24 @@ TRUNK_NAMES = {"resnet18": "ResNet18", "resnet34": "ResNet34", "resnet50": "ResN
                "vgg11_bn": "VGG11 (with batch normalisation)", "vgg11": "VGG11"}
 
 
+def retrain_options(cfg: Dict[str, Any]) -> str:
+    """The options of a run that differ from ``ClassifierConfig``'s defaults, as command-line flags (so that a
+    card's retrain command reproduces the run)."""
+    from dataclasses import fields
+
+    from .classifier import ClassifierConfig
+
+    skip = {"task", "threads", "max_minutes", "bf16"}      # how, not what, is trained
+    out = []
+    for f in fields(ClassifierConfig):
+        v = cfg.get(f.name, f.default)
+        if f.name in skip or v == f.default or v is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        out.append(f"{flag} {v}")
+    return "".join(" " + o for o in out)
+
+
 def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path) -> Tuple[Dict[str, Any], str]:
     cfg, m = res["config"], res["metrics"]
     backbone = res["arguments"].get("backbone", "resnet50")
@@ -105,7 +123,7 @@ def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path)
     joint = m.get("multitask")
     cmd = ("python scripts/train_classifier.py --manifest <breast-us>/manifest.csv --task both --out Resources/Models"
            if joint else f"python scripts/train_classifier.py --manifest <breast-us>/manifest.csv --task {cfg['task']} "
-           f"--out Resources/Models/{name}")
+           f"--out Resources/Models/{name}") + retrain_options(cfg)
     manifest = {
         "name": name, "version": __version__, "role": role, "default": True,
         "task": task_text, "architecture": "EmbeddingNet", "arguments": res["arguments"],

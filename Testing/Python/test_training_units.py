@@ -108,3 +108,12 @@ def test_svm_head_is_written_exactly_into_the_last_layer():
         np.testing.assert_allclose(probs[:, t], expit(a * f + b), atol=2e-5)
         assert info[name]["n_train"] == int(sel.sum())
     assert abs(a) > 1e-3                                            # a fitted, non-degenerate sigmoid
+
+
+def test_a_cards_retrain_command_carries_the_runs_non_default_options():
+    from BreastDLRLib.training.cards import retrain_options
+
+    cfg = {"task": "both", "size": 128, "epochs": 22, "patience": 30, "seed": 0, "split_seed": None, "threads": 2,
+           "max_minutes": 110.0, "bf16": False, "lr": 0.0}
+    assert retrain_options(cfg) == " --epochs 22 --patience 30"
+    assert retrain_options({"task": "risk", "seed": 3, "size": 160}) == " --size 160 --seed 3"
