@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Retrain every shipped model from the public data (see each MODEL_CARD.md) and refresh Resources/Models.
-# About 2 hours on a 2-core CPU without native bf16 (measured 2026-11-30: the classifiers' 14 epochs took 45 min
+# About 2.5 hours on a 2-core CPU without native bf16 (measured 2026-11-30: the classifiers' 22 epochs took 62 min
 # with 2 threads alone; on a CPU with native bf16 less).  Two jobs at a time, one thread each.
 # Usage: bash scripts/retrain_models.sh [path/to/breast-us/manifest.csv]
 set -euo pipefail
@@ -17,7 +17,7 @@ export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
   $py scripts/train_segmenter.py --manifest "$work/mix/manifest.csv" --init "$work/segmenter-real" --epochs 7 --lr 0.0005 \
       --out Resources/Models/breastdlr-segmenter-2d --work "$work/segmix" --threads 1 ) &
 # BM and LH: one ResNet50 trunk, two heads (its bundles declare the mirror test-time augmentation)
-$py scripts/train_classifier.py --manifest "$manifest" --task both --seed 0 --epochs 14 \
+$py scripts/train_classifier.py --manifest "$manifest" --task both --seed 0 --epochs 22 --patience 30 \
     --out Resources/Models --work "$work/classifiers" --threads 1
 wait
 for task in malignancy risk; do   # held-out probabilities with the mirror, for the fusion head and the 4A table

@@ -155,9 +155,9 @@ radiomics half of deep-learning radiomics). A logistic regression on the standar
 **Only for outlines a reader drew or confirmed.** `analyze --outline MASK`, `predict --outline manifest`, and the
 Slicer module with a lesion segment selected apply it; on the segmenter's own outlines it is not applied, because
 they are smoother than a reader's and move the shape features. Measured on the held-out fold with the shipped
-segmenter's outlines instead (scripts/morphology_on_segmenter_outlines.py, 2026-11-30): malignancy AUC 0.866
-against 0.892 for the image model alone (446 lesions with a lesion found), risk 0.835 against 0.873 (322): worse,
-so not applied.
+segmenter's outlines instead (scripts/morphology_on_segmenter_outlines.py, 2026-11-30, shipped models): malignancy
+AUC 0.877 against 0.898 for the image model alone (446 lesions with a lesion found), risk 0.860 against 0.886 (322):
+worse, so not applied.
 
 **Data.** Stage 1: {f['train_cases']} lesions of {f['train_patients']} patients, the training patients of
 `{image_model.name}`, with their dataset masks as outlines. Stage 2: the {f['held_out_cases']} lesions of
