@@ -183,7 +183,7 @@ class Pipeline:
                              "Segment Editor to have it scored as your outline.")
         else:
             result = self.segment(volume, progress=lambda s, f, m="": progress("segment", 0.6 * f, m), cancel=cancel)
-        result.clinical, result.clinical_notes, result.birads = cleaned, notes, birads_n
+        result.clinical, result.clinical_notes, result.birads = cleaned, list(notes), birads_n
         heat = np.zeros(volume.shape, dtype=np.float32) if explain else None
         t0 = time.perf_counter()
         timing = {"crops": 0.0, "classify": 0.0, "explain": 0.0}
@@ -193,6 +193,9 @@ class Pipeline:
             progress("classify", 0.6 + 0.4 * idx / max(n, 1), f"lesion {idx + 1} of {n}")
             self.classify_lesion(volume, lr, schema, cleaned, birads_n, heat, timing)
         progress("classify", 1.0, f"{n} lesion(s) analysed")
+        if notes and result.lesions and not self._clinical_used(result.lesions):
+            # how a missing value would have been filled does not matter when no model used the clinical values
+            result.clinical_notes = [x for x in result.clinical_notes if x not in notes]
         for note in dict.fromkeys(x for lr in result.lesions for x in lr.notes):
             result.clinical_notes.append(note)
         result.timings.update(timing)
@@ -202,6 +205,12 @@ class Pipeline:
         return result
 
     # ------------------------------------------------------------------ helpers
+    def _clinical_used(self, lesions: Sequence[LesionResult]) -> bool:
+        """Whether any model consumed the clinical values: a clinical fusion head that was applied, or any other
+        model that declares clinical variables."""
+        others = [b for b in self.bundles.values() if b.clinical_variables and b.role != "fusion"]
+        return bool(others) or any(lr.probabilities.get("malignancy_fused") is not None for lr in lesions)
+
     @staticmethod
     def parse_clinical(schema, values: Mapping[str, Any]):
         """Checked clinical values {name: value|None} and the notes on missing ones."""

@@ -232,3 +232,12 @@ def test_the_report_shows_a_reader_outline_and_its_features(tmp_path):
     html = (out / "report.html").read_text()
     assert "image + reader&#x27;s outline" in html or "image + reader's outline" in html
     assert "Outline features" in html and all(f"<th>{n}</th>" in html for n in FEATURE_NAMES)
+
+
+def test_no_missing_value_note_when_no_model_used_the_clinical_values(pipe):
+    vol = read_volume(SAMPLES / "breast_us_sample.png", spacing=0.109768)
+    auto = pipe.analyze(vol, explain=False)                  # the age head applies: its missing-age rule matters
+    assert any("age missing" in n for n in auto.clinical_notes)
+    drawn = vol.with_array(read_mask(SAMPLES / "breast_us_sample_mask.png", vol))
+    reader = pipe.analyze(vol, explain=False, outline=drawn)  # morphology instead: no model used age
+    assert not any("age missing" in n for n in reader.clinical_notes)
