@@ -98,16 +98,18 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 
 
 def _summary(lesions: List[Dict[str, Any]], out: str, vol, findings: Optional[Dict[str, Any]] = None) -> None:
+    from .recommend import decision_scores
+
     unit = "px" if vol.metadata.get("spacing_source") == "unknown" else "mm"
     print(f"{len(lesions)} lesion(s) found in {vol.metadata.get('source', 'the input')}; results in {out}")
     for les in lesions:
         m = les["measurements"]
         line = f"  lesion {les['id']}: max diameter {m['max_diameter_mm']:.1f} {unit}, {m['orientation']}"
-        p = les.get("probabilities") or {}
-        if p.get("malignancy") is not None:
-            line += f", P(malignant) {p.get('malignancy_morphology', p.get('malignancy_fused', p['malignancy'])):.2f}"
-        if p.get("high_risk") is not None:
-            line += f", P(high risk) {p.get('high_risk_morphology', p['high_risk']):.2f}"
+        p_mal, p_risk = decision_scores(les.get("probabilities") or {})
+        if p_mal is not None:
+            line += f", P(malignant) {p_mal:.2f}"
+        if p_risk is not None:
+            line += f", P(high risk) {p_risk:.2f}"
         if les.get("outline") == "reader":
             line += " (reader's outline)"
         rec = les.get("recommendation")

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import BreastDLRError, InputError
+from .recommend import decision_scores
 from .volume import LPS_TO_RAS, Volume
 
 ROLE_ATTRIBUTE = "BreastDLR.Role"
@@ -297,18 +298,9 @@ def _fmt_prob(p: Optional[float]) -> str:
     return "n/a" if p is None else f"{float(p):.2f}"
 
 
-def decision_probabilities(lesion: Mapping[str, Any]) -> Tuple[Optional[float], Optional[float]]:
-    """(malignancy, high risk) as the lesion's decision used them: the morphology models' for a reader's outline,
-    else the clinical fusion model's (malignancy), else the image models'."""
-    p = lesion.get("probabilities") or {}
-    mal = next((p[k] for k in ("malignancy_morphology", "malignancy_fused", "malignancy") if p.get(k) is not None), None)
-    risk = next((p[k] for k in ("high_risk_morphology", "high_risk") if p.get(k) is not None), None)
-    return mal, risk
-
-
 def lesion_name(lesion: Mapping[str, Any]) -> str:
     """'Lesion 1 (malignancy 0.72)', or 'Lesion 1' when no probability was computed."""
-    p = decision_probabilities(lesion)[0]
+    p = decision_scores(lesion.get("probabilities") or {})[0]
     return f"Lesion {lesion['id']}" + ("" if p is None else f" (malignancy {_fmt_prob(p)})")
 
 
@@ -318,7 +310,7 @@ def most_suspicious(lesions: Sequence[Mapping[str, Any]]) -> Optional[Mapping[st
         return None
 
     def key(l: Mapping[str, Any]):
-        p = decision_probabilities(l)[0]
+        p = decision_scores(l.get("probabilities") or {})[0]
         vol = (l.get("measurements") or {}).get("volume_mm3") or 0.0
         return (-1.0 if p is None else float(p), float(vol))
 
@@ -494,7 +486,7 @@ def _add_heatmap(scene, path: Path):
 
 def _table_row(lesion: Mapping[str, Any]) -> List[Any]:
     m = lesion.get("measurements") or {}
-    mal, risk = decision_probabilities(lesion)
+    mal, risk = decision_scores(lesion.get("probabilities") or {})
     rec = lesion.get("recommendation") or {}
     text = rec.get("text") or rec.get("action") or ""
 

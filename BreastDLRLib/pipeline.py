@@ -227,20 +227,17 @@ class Pipeline:
 
     @staticmethod
     def decision_probability(lr: LesionResult) -> Optional[float]:
-        """The malignancy probability decisions use: the morphology model's (reader outlines), else the clinical
-        fusion model's, else the image model's."""
-        p = lr.probabilities
-        for key in ("malignancy_morphology", "malignancy_fused", "malignancy"):
-            if p.get(key) is not None:
-                return p[key]
-        return None
+        """The malignancy probability decisions use (:func:`BreastDLRLib.recommend.decision_scores`)."""
+        from .recommend import decision_scores
+
+        return decision_scores(lr.probabilities)[0]
 
     @staticmethod
     def risk_probability(lr: LesionResult) -> Optional[float]:
-        """The BI-RADS risk probability decisions use: the morphology model's (reader outlines), else the image
-        model's."""
-        p = lr.probabilities
-        return p.get("high_risk_morphology", p.get("high_risk"))
+        """The BI-RADS risk probability decisions use (:func:`BreastDLRLib.recommend.decision_scores`)."""
+        from .recommend import decision_scores
+
+        return decision_scores(lr.probabilities)[1]
 
     def _model_input(self, bundle: Bundle) -> Dict[str, Any]:
         inp = bundle.input

@@ -14,13 +14,22 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .errors import ClinicalInputError
 
 NOTE = "Research use only; not a substitute for clinical judgement."
 BIRADS_CATEGORIES = ("0", "1", "2", "3", "4", "4a", "4b", "4c", "5", "6")
 _BIRADS_RE = re.compile(r"^\s*(?:bi\s*-?\s*rads)?\s*(?:category|cat\.?)?\s*[:=]?\s*([0-6])\s*([abc])?\s*$", re.IGNORECASE)
+
+
+def decision_scores(probabilities: Mapping[str, Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
+    """(P(malignant), P(high risk)) as a lesion's decision uses them, from its ``probabilities``: the morphology
+    models' (a reader's outline), else the clinical fusion model's (malignancy), else the image models'."""
+    p = probabilities
+    mal = next((p[k] for k in ("malignancy_morphology", "malignancy_fused", "malignancy") if p.get(k) is not None), None)
+    risk = next((p[k] for k in ("high_risk_morphology", "high_risk") if p.get(k) is not None), None)
+    return mal, risk
 
 
 def normalise_birads(s: Optional[str]) -> Optional[str]:

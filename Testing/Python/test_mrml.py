@@ -328,8 +328,10 @@ def test_the_scene_shows_the_probabilities_the_decision_used():
               "probabilities": {"malignancy": 0.2, "malignancy_fused": 0.25, "malignancy_morphology": 0.9,
                                 "high_risk": 0.3, "high_risk_morphology": 0.7}}
     fused = {"id": 2, "measurements": {}, "probabilities": {"malignancy": 0.8, "malignancy_fused": 0.6, "high_risk": 0.4}}
-    assert mrml.decision_probabilities(reader) == (0.9, 0.7)
-    assert mrml.decision_probabilities(fused) == (0.6, 0.4)
+    from BreastDLRLib.recommend import decision_scores
+
+    assert decision_scores(reader["probabilities"]) == (0.9, 0.7)
+    assert decision_scores(fused["probabilities"]) == (0.6, 0.4)
     assert mrml.lesion_name(reader) == "Lesion 1 (malignancy 0.90)" and mrml.lesion_name(fused) == "Lesion 2 (malignancy 0.60)"
     assert mrml.most_suspicious([reader, fused])["id"] == 1
     row = mrml._table_row(reader)
