@@ -174,16 +174,17 @@ class Pipeline:
         birads_n = normalise_birads(birads) if birads else None
         schema = self.clinical_schema()
         cleaned, notes = self.parse_clinical(schema, clinical or {})
+        outline_notes = []
         if outline is not None:
             result = self.reader_outline(volume, outline, outline_source)
             progress("segment", 0.6, f"{len(result.lesions)} lesion(s) in the outline given")
             if outline_source == "segmenter":
-                notes.append("The lesion outline given is BreastDLR's own automatic segmentation, unedited: it was "
-                             "scored as the segmenter's outline, without the morphology models. Correct it in the "
-                             "Segment Editor to have it scored as your outline.")
+                outline_notes.append("The lesion outline given is BreastDLR's own automatic segmentation, unedited: it "
+                                     "was scored as the segmenter's outline, without the morphology models. Correct it "
+                                     "in the Segment Editor to have it scored as your outline.")
         else:
             result = self.segment(volume, progress=lambda s, f, m="": progress("segment", 0.6 * f, m), cancel=cancel)
-        result.clinical, result.clinical_notes, result.birads = cleaned, list(notes), birads_n
+        result.clinical, result.clinical_notes, result.birads = cleaned, notes + outline_notes, birads_n
         heat = np.zeros(volume.shape, dtype=np.float32) if explain else None
         t0 = time.perf_counter()
         timing = {"crops": 0.0, "classify": 0.0, "explain": 0.0}

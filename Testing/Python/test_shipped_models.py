@@ -241,3 +241,10 @@ def test_no_missing_value_note_when_no_model_used_the_clinical_values(pipe):
     drawn = vol.with_array(read_mask(SAMPLES / "breast_us_sample_mask.png", vol))
     reader = pipe.analyze(vol, explain=False, outline=drawn)  # morphology instead: no model used age
     assert not any("age missing" in n for n in reader.clinical_notes)
+
+
+def test_the_unedited_outline_note_stays_when_no_model_used_the_clinical_values(pipe):
+    vol = read_volume(SAMPLES / "synthetic_abvs.nrrd")         # ABVS model: the age head does not apply
+    truth = vol.with_array(read_mask(SAMPLES / "synthetic_abvs_label.nrrd", vol))
+    notes = pipe.analyze(vol, explain=False, outline=truth, outline_source="segmenter").clinical_notes
+    assert any("unedited" in n for n in notes) and not any("age missing" in n for n in notes)
