@@ -94,7 +94,7 @@ def lesion_features(image: np.ndarray, mask: np.ndarray) -> Dict[str, float]:
                   + m[0].sum() + m[-1].sum() + m[:, 0].sum() + m[:, -1].sum()) * np.pi / 4
     hull_area, hull_perim = _convex_hull(np.c_[bx, by].astype(float), area, perim)
     cy, cx = ys.mean(), xs.mean()
-    cov = np.cov(np.c_[xs - cx, ys - cy].T) if len(xs) > 2 else np.eye(2)
+    cov = np.cov(np.c_[xs - cx, ys - cy].T)          # at least MIN_PIXELS points
     ev, evec = np.linalg.eigh(cov)
     ecc = float(np.sqrt(max(0.0, 1.0 - ev[0] / ev[1]))) if ev[1] > 0 else 0.0
     ang = abs(np.degrees(np.arctan2(evec[1, 1], evec[0, 1])))
@@ -133,7 +133,7 @@ def lesion_features(image: np.ndarray, mask: np.ndarray) -> Dict[str, float]:
         "aspect": h / w, "orientation_deg": ang, "eccentricity": ecc,
         "circularity": min(4 * np.pi * area / perim ** 2, 1.5), "solidity": min(area / hull_area, 1.0),
         "extent": area / (h * w), "convex_perimeter_ratio": hull_perim / perim,
-        "radial_sd": nrl.std(), "radial_roughness": np.mean(np.abs(np.diff(nrl))) if len(nrl) > 1 else 0.0,
+        "radial_sd": nrl.std(), "radial_roughness": np.mean(np.abs(np.diff(nrl))),
         "fourier_high": spec[8:].sum() / (spec[1:].sum() + 1e-6),
         "echo_contrast": (mu_in - mu_out) / (mu_out + 1.0), "heterogeneity": inner.std() / (mu_in + 1.0),
         "entropy": entropy, "texture": log / (mu_in + 1.0), "posterior": posterior, "margin_sharpness": sharp,
@@ -155,3 +155,13 @@ def _convex_hull(points: np.ndarray, area: float, perim: float) -> Tuple[float, 
 
 def feature_vector(features: Dict[str, float]) -> np.ndarray:
     return np.array([features[n] for n in FEATURE_NAMES], dtype=np.float64)
+
+
+def logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def head_inputs(image_probability, features: np.ndarray) -> np.ndarray:
+    """A morphology head's input rows: [logit of the image model's probability, features]."""
+    return np.c_[logit(image_probability), np.atleast_2d(features)]

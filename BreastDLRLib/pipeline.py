@@ -345,7 +345,7 @@ class Pipeline:
     def _apply_morphology(self, volume: Volume, lr: LesionResult, mal_role: str) -> bool:
         """Fuse each image score with the reader outline's handcrafted features (2D only); True when the
         malignancy score was fused."""
-        from .morphology import FEATURE_NAMES, feature_vector, lesion_features
+        from .morphology import FEATURE_NAMES, feature_vector, head_inputs, lesion_features
 
         fused_malignancy = False
         features = None
@@ -372,8 +372,7 @@ class Pipeline:
                     lr.notes.append(f"Lesion {lr.lesion.id}: {exc} It was scored by the image models alone.")
                     return False
                 lr.features = dict(zip(FEATURE_NAMES, features.tolist()))
-            p = min(max(lr.probabilities[key], 1e-6), 1 - 1e-6)
-            x = np.r_[np.log(p / (1 - p)), features][None]
+            x = head_inputs([lr.probabilities[key]], features)
             lr.probabilities[f"{key}_morphology"] = float(b.model().predict_proba(x)[0, 1])
             lr.thresholds[f"{key}_image"] = lr.thresholds[key]
             lr.thresholds[key] = float(b.thresholds.get("probability", 0.5))

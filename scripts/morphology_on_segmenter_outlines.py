@@ -22,10 +22,9 @@ from BreastDLRLib.bundles import default_bundle  # noqa: E402
 from BreastDLRLib.errors import BreastDLRError  # noqa: E402
 from BreastDLRLib.evaluation import roc_auc  # noqa: E402
 from BreastDLRLib.io import read_volume  # noqa: E402
-from BreastDLRLib.morphology import feature_vector, lesion_features  # noqa: E402
+from BreastDLRLib.morphology import feature_vector, head_inputs, lesion_features  # noqa: E402
 from BreastDLRLib.pipeline import Pipeline  # noqa: E402
 from BreastDLRLib.training.data import read_manifest_csv  # noqa: E402
-from BreastDLRLib.training.morphology import head_inputs  # noqa: E402
 
 
 def main() -> None:

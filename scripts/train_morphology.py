@@ -29,7 +29,8 @@ from BreastDLRLib.morphology import FEATURES  # noqa: E402
 from BreastDLRLib.training.cards import DATA_CITATION, INTENDED_USE  # noqa: E402
 from BreastDLRLib.training.classifier import label_of  # noqa: E402
 from BreastDLRLib.training.data import read_manifest_csv  # noqa: E402
-from BreastDLRLib.training.morphology import fit_morphology_head, logit, outline_features, train_rows  # noqa: E402
+from BreastDLRLib.morphology import logit  # noqa: E402
+from BreastDLRLib.training.morphology import fit_morphology_head, outline_features, train_rows  # noqa: E402
 
 KEYS = {"malignancy": ("malignancy", ["benign", "malignant"], "P(malignant)"),
         "risk": ("high_risk", ["BI-RADS 2-3", "BI-RADS 4-5"], "P(BI-RADS 4-5)")}

@@ -63,11 +63,6 @@ def outline_features(cases: Sequence[Case], cache: Optional[Path] = None,
     return out
 
 
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
-
-
 @dataclass
 class MorphologyFit:
     head: LinearFusionHead           # on [image logit, features]
@@ -101,11 +96,6 @@ def fit_morphology_head(x_train: np.ndarray, y_train: np.ndarray, image_logit: n
     head.coef_ = np.r_[a, b * stage1.coef_[0]][None]
     head.intercept_ = np.array([b * float(stage1.intercept_[0]) + c])
     return MorphologyFit(head, oof, s1, (a, b, c))
-
-
-def head_inputs(image_probability: np.ndarray, features: np.ndarray) -> np.ndarray:
-    """The head's input rows: [logit of the image model's probability, features]."""
-    return np.c_[logit(image_probability), np.atleast_2d(features)]
 
 
 def train_rows(cases: Sequence[Case], feats: Dict[str, np.ndarray], label: Callable[[Case], Optional[int]],

@@ -14,8 +14,8 @@ import pytest
 from BreastDLRLib.clinical import LinearFusionHead, head_from_dict, head_to_dict
 from BreastDLRLib.errors import InputError
 from BreastDLRLib.evaluation import roc_auc, rule_out_threshold
-from BreastDLRLib.morphology import FEATURE_NAMES, feature_vector, lesion_features
-from BreastDLRLib.training.morphology import fit_morphology_head, head_inputs, logit, outline_features, train_rows
+from BreastDLRLib.morphology import FEATURE_NAMES, feature_vector, head_inputs, lesion_features, logit
+from BreastDLRLib.training.morphology import fit_morphology_head, outline_features, train_rows
 
 H = W = 200
 
