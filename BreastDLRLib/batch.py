@@ -5,8 +5,8 @@ others.  Per image, the largest lesion found is the one reported; when none is f
 the whole image (``lesion_found`` is False, so an evaluation can tell).
 
 ``outline="manifest"`` takes the lesion from the row's ``mask`` (a reader's outline: the morphology models then
-score it too); rows whose mask is missing or empty fall back to the segmenter.  The ``outline`` column says
-which outline each row used.
+score it too); rows with no mask, or a mask that draws nothing, fall back to the segmenter, and a mask that cannot
+be read or does not fit the image is that row's error.  The ``outline`` column says which outline each row used.
 """
 from __future__ import annotations
 
