@@ -82,6 +82,11 @@ def header(result: Analysis) -> Dict[str, Any]:
             "intended_use": INTENDED_USE, "input": input_record(result.volume), "models": result.models}
 
 
+def segmentation_record(result: Analysis) -> Dict[str, Any]:
+    """How the lesions were outlined: the segmenter's precision and test-time augmentation."""
+    return {"precision": result.precision, "test_time_augmentation": list(result.segmentation_tta)}
+
+
 def lesion_record(lr: LesionResult, volume: Volume) -> Dict[str, Any]:
     les = lr.lesion
     rec = lr.recommendation
@@ -154,6 +159,7 @@ def _segmentation_files(stage: Path, result: Analysis) -> Dict[str, Any]:
     doc = {
         **header(result),
         "precision": result.precision,
+        "segmentation": segmentation_record(result),
         "lesions": [{k: v for k, v in r.items() if k not in ("probabilities", "frame_probabilities", "thresholds",
                                                               "recommendation", "heatmap", "heatmap_class")} for r in records],
         "outputs": {"label_map": "labels.nrrd", "preview": "preview.png"},
@@ -198,6 +204,7 @@ def write_analysis(out_dir: str | Path, result: Analysis, report: bool = True) -
             "outputs": {"label_map": "labels.nrrd", "heatmap": "heatmap.nrrd" if result.heatmap is not None else None,
                         "report": "report.html" if report else None, "lesions_json": "lesions.json",
                         "preview": "preview.png"},
+            "segmentation": segmentation_record(result),
             "timings_s": result.timings,
         }
         findings = _clean(findings)

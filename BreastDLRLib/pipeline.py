@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ class Analysis:
     birads: Optional[str] = None
     timings: Dict[str, float] = field(default_factory=dict)
     precision: str = "fp32"
+    segmentation_tta: Tuple[str, ...] = ()  # the segmenter's test-time augmentation (("hflip",) on single images)
 
 
 class Pipeline:
@@ -130,7 +131,7 @@ class Pipeline:
         timings = {"segment_" + k: v for k, v in seg.timings.items()}
         timings.update({"segment_total": t1 - t0, "lesions": t2 - t1})
         return Analysis(volume, seg.probability, labels, [LesionResult(l) for l in lesions], None, self.models(),
-                        timings=timings, precision=seg.precision)
+                        timings=timings, precision=seg.precision, segmentation_tta=tuple(seg.test_time_augmentation))
 
     def reader_outline(self, volume: Volume, outline: Volume, source: str = "reader") -> Analysis:
         """Lesions from a given outline (a label map on ``volume``'s grid: each connected region of non-zero

@@ -4,6 +4,10 @@ Each slice perpendicular to the acquisition axis is resized to the network's gri
 manifest), normalised the way the model was trained (``input.normalisation``), run through the network in
 batches (channels-last; bf16 autocast on CPU when asked), and the logits are resized back to the slice's own
 size.  The result is a lesion-probability volume with the input's geometry.
+
+A bundle may declare test-time augmentation (``input.test_time_augmentation: ["hflip"]``): the logits of each
+slice are then averaged with those of its left-right mirror.  It is applied to single images only (a volume of
+one slice), where it costs one more network call; volumes keep one pass per slice.
 """
 from __future__ import annotations
 
@@ -61,6 +65,7 @@ class SegmentationResult:
     probability: Volume                      # float16 probabilities in [0, 1], the input's geometry
     timings: Dict[str, float] = field(default_factory=dict)
     precision: str = "fp32"
+    test_time_augmentation: tuple = ()       # what was applied (("hflip",) or ())
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -90,13 +95,15 @@ class SliceSegmenter:
     """
 
     def __init__(self, model: torch.nn.Module, size: int = 256, normalisation: str = "zscore",
-                 device: str | torch.device = "cpu", batch_size: int = 16, bf16: bool = False):
+                 device: str | torch.device = "cpu", batch_size: int = 16, bf16: bool = False,
+                 hflip_single_images: bool = False):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.eval().to(self.device).to(memory_format=torch.channels_last)
         self.size = int(size)
         self.normalisation = normalisation
         self.batch_size = int(batch_size)
         self.bf16 = bool(bf16) and self.device.type == "cpu"
+        self.hflip_single_images = bool(hflip_single_images)
 
     @classmethod
     def from_bundle(cls, bundle, device: str = "auto", batch_size: int = 16, bf16: Optional[bool] = None) -> "SliceSegmenter":
@@ -105,20 +112,29 @@ class SliceSegmenter:
         if bf16 is None:
             bf16 = bool(bundle.manifest.get("inference", {}).get("bf16_cpu", False)) and cpu_has_fast_bf16()
         size = inp["size"][0] if isinstance(inp.get("size"), (list, tuple)) else int(inp.get("size", 256))
+        tta = inp.get("test_time_augmentation") or []
+        unknown = [t for t in tta if t != "hflip"]
+        if unknown:
+            from .errors import InputError
+
+            raise InputError(f"The segmentation model asks for test-time augmentation {unknown}, which this version of "
+                             "BreastDLR does not know; update BreastDLR or use another model.")
         return cls(bundle.model(str(dev)), size=size, normalisation=inp.get("normalisation", "zscore"),
-                   device=dev, batch_size=batch_size, bf16=bf16)
+                   device=dev, batch_size=batch_size, bf16=bf16, hflip_single_images="hflip" in tta)
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(x.contiguous(memory_format=torch.channels_last)).float()
 
     @torch.inference_mode()
-    def logits_for(self, slices: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) raw slices → (B, H, W) float32 logits at the slices' own size."""
+    def logits_for(self, slices: torch.Tensor, hflip: bool = False) -> torch.Tensor:
+        """(B, H, W) raw slices → (B, H, W) float32 logits at the slices' own size; ``hflip`` averages them with
+        the mirrored logits of the mirrored slices."""
         h, w = slices.shape[-2:]
-        x = to_network_grid(slices.to(self.device), self.size, self.normalisation).contiguous(memory_format=torch.channels_last)
-        if self.bf16:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y = self.model(x)
-        else:
-            y = self.model(x)
-        y = y.float()
+        x = to_network_grid(slices.to(self.device), self.size, self.normalisation)
+        y = self._network(x)
+        if hflip:
+            y = (y + self._network(x.flip(-1)).flip(-1)) / 2
         if (h, w) != (self.size, self.size):
             y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
         return y[:, 0]
@@ -129,13 +145,14 @@ class SliceSegmenter:
         axis = int(volume.metadata.get("acquisition_axis", 0))
         arr = np.moveaxis(volume.array, axis, 0)
         n = arr.shape[0]
+        hflip = self.hflip_single_images and n == 1
         out = np.empty(arr.shape, dtype=np.float16)
         for start in range(0, n, self.batch_size):
             check_cancel(cancel)
             t0 = time.perf_counter()
             chunk = torch.from_numpy(np.ascontiguousarray(arr[start:start + self.batch_size], dtype=np.float32))
             t1 = time.perf_counter()
-            logits = self.logits_for(chunk)
+            logits = self.logits_for(chunk, hflip=hflip)
             t2 = time.perf_counter()
             out[start:start + len(chunk)] = torch.sigmoid(logits).to(torch.float16).cpu().numpy()
             t3 = time.perf_counter()
@@ -144,4 +161,4 @@ class SliceSegmenter:
             timings["postprocess"] += t3 - t2
             progress("segment", min(1.0, (start + len(chunk)) / n), f"slice {start + len(chunk)} of {n}")
         prob = volume.with_array(np.moveaxis(out, 0, axis))
-        return SegmentationResult(prob, timings, "bf16" if self.bf16 else "fp32")
+        return SegmentationResult(prob, timings, "bf16" if self.bf16 else "fp32", ("hflip",) if hflip else ())

@@ -143,6 +143,12 @@ def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path)
     diff = m.get("bf16_vs_fp32_max_abs_diff")
     bf16_text = ("bf16 not measured (trained on a CPU without native bf16, in fp32)" if diff is None else
                  f"bf16 vs fp32 probabilities differ by at most {diff:.4f}")
+    views_text = (f"Each lesion was seen as its exact crop and as {cfg['box_views']} crops around perturbed lesion boxes "
+                  f"(each box edge moved by up to {cfg.get('box_jitter', 0.2)} of the box's side), one of them drawn per "
+                  "epoch, so that the network meets crops like those cut around the segmenter's boxes; validation "
+                  "used the exact crops.\n" if cfg.get("box_views") else "")
+    init_text = (f"Fine-tuned from the trained bundle(s) `{cfg['init']}` (the trunk from the first, each task's "
+                 "last layer from its own), on the same patient split.\n" if cfg.get("init") else "")
     card = f"""# Model card: {name}
 
 **Intended use.** {INTENDED_USE}
@@ -155,7 +161,7 @@ ImageNet weights) whose classifier is fc → 128 (the image embedding) → 2. In
 isotropic, {cfg['size']}x{cfg['size']} pixels (smaller than the papers' 224 so that it trains on a 2-core CPU), min-max normalised.
 {"Trained jointly with the " + " and ".join(joint) + " heads on one shared trunk and embedding (two outputs per task), " if joint else ""}Training: preset `{cfg['preset']}`, class-balanced cross-entropy, MONAI augmentation (flip, affine, gamma, gain),
 {'bf16 autocast' if cfg.get('bf16', True) else 'fp32'}, best validation AUC kept. Weights stored in float16.
-{head_text}
+{head_text}{views_text}{init_text}
 **Data.** {res['n_train']} training crops from {DATA_CITATION}. Patient-level split: one fold of a
 {cfg['folds']}-fold stratified group split held out ({m['val_crops']} crops, {m['val_patients']} patients, {m['val_positives']} positive).
 

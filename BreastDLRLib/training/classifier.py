@@ -60,6 +60,9 @@ class ClassifierConfig:
     max_cases: Optional[int] = None
     threads: int = 0
     bf16: bool = True
+    box_views: int = 0                  # extra training crops per lesion around jittered boxes (see jittered_boxes)
+    box_jitter: float = 0.2             # how far each box edge may move, as a fraction of the box's side
+    init: str = ""                      # start from trained bundles (comma-separated, one per task) instead of scratch
 
 
 TASK_NAMES = ("malignancy", "risk")
@@ -89,8 +92,30 @@ def label_of(case: Case, task: str) -> Optional[int]:
     return case.malignant if task == "malignancy" else case.high_risk
 
 
-def lesion_crop(case: Case, size: int, margin: float, margin_of: str = "longer") -> Optional[np.ndarray]:
-    """The transverse crop (size², float32 in [0, 1]) around the largest ground-truth lesion, or None."""
+def jittered_boxes(bbox_kji, shape_kji, n: int, jitter: float, rng: np.random.Generator) -> List[np.ndarray]:
+    """``n`` perturbed copies of a 2D lesion box: each in-plane edge moves by up to ``jitter`` × the box's side on
+    that axis (uniform), clipped to the image and never empty.  They stand for the segmenter's boxes, which are
+    seldom the reader's to the pixel, so that a classifier trained on them meets such crops before inference does."""
+    b = np.asarray(bbox_kji, dtype=float).reshape(3, 2)
+    out = []
+    for _ in range(n):
+        j = b.copy()
+        for ax in (1, 2):
+            side = b[ax, 1] - b[ax, 0]
+            lo, hi = b[ax] + rng.uniform(-jitter, jitter, 2) * side
+            lo, hi = int(np.clip(np.floor(lo + 0.5), 0, shape_kji[ax] - 1)), int(np.clip(np.floor(hi + 0.5), 1, shape_kji[ax]))
+            j[ax] = (lo, max(hi, lo + 1))
+        out.append(j.astype(int))
+    return out
+
+
+def lesion_crops(case: Case, size: int, margin: float, margin_of: str = "longer", box_views: int = 0,
+                 box_jitter: float = 0.2, seed: int = 0) -> Optional[np.ndarray]:
+    """Transverse crops (1 + box_views, size, size; float32 in [0, 1]) around the largest ground-truth lesion: the
+    exact box first, then ``box_views`` jittered boxes (:func:`jittered_boxes`, seeded by ``seed`` and the case);
+    None without a usable mask."""
+    import zlib
+
     from ..io import read_mask, read_volume
     from ..lesions import lesions_from_labels
     from ..planes import crop_planes
@@ -109,15 +134,25 @@ def lesion_crop(case: Case, size: int, margin: float, margin_of: str = "longer")
         sizes = np.bincount(lab.ravel())[1:]
         lab = (lab == 1 + int(np.argmax(sizes))).astype(np.uint8)
     (les,) = lesions_from_labels(vol.with_array(lab.astype(np.uint8)))
-    crops = crop_planes(vol, les.bbox_kji, les.centre_kji, size=size, margin=margin, margin_of=margin_of,
-                        planes=("transverse",))
-    return crops["transverse"][0].image.astype(np.float32)
+    rng = np.random.default_rng([seed, zlib.crc32(case.case_id.encode())])
+    boxes = [np.asarray(les.bbox_kji)] + jittered_boxes(les.bbox_kji, vol.shape, box_views, box_jitter, rng)
+    return np.stack([crop_planes(vol, b, les.centre_kji, size=size, margin=margin, margin_of=margin_of,
+                                 planes=("transverse",))["transverse"][0].image.astype(np.float32) for b in boxes])
+
+
+def lesion_crop(case: Case, size: int, margin: float, margin_of: str = "longer") -> Optional[np.ndarray]:
+    """The transverse crop (size², float32 in [0, 1]) around the largest ground-truth lesion, or None."""
+    crops = lesion_crops(case, size, margin, margin_of)
+    return None if crops is None else crops[0]
 
 
 def build_crops(cases: List[Case], task: str, size: int, margin: float, margin_of: str = "longer",
-                cache: Optional[Path] = None,
-                log: Callable[[str], None] = print) -> Tuple[np.ndarray, np.ndarray, List[Case]]:
-    """Crops and labels of every usable case (cached as .npz of arrays: no pickle)."""
+                cache: Optional[Path] = None, log: Callable[[str], None] = print, box_views: int = 0,
+                box_jitter: float = 0.2, seed: int = 0) -> Tuple[np.ndarray, np.ndarray, List[Case]]:
+    """Crops and labels of every usable case (cached as .npz of arrays: no pickle).
+
+    Without box views the crops are (N, H, W); with ``box_views`` V they are (N, 1 + V, H, W), the exact crop
+    first (see :func:`lesion_crops`)."""
     if cache is not None and cache.is_file():
         z = np.load(cache, allow_pickle=False)
         ids = list(z["case_id"])
@@ -132,10 +167,10 @@ def build_crops(cases: List[Case], task: str, size: int, margin: float, margin_o
         y = [label_of(c, t) for t in tasks_of(task)]
         if all(v is None for v in y):
             continue
-        crop = lesion_crop(c, size, margin, margin_of)
-        if crop is None:
+        crops = lesion_crops(c, size, margin, margin_of, box_views, box_jitter, seed)
+        if crops is None:
             continue
-        xs.append((crop * 255).astype(np.uint8))
+        xs.append(((crops if box_views else crops[0]) * 255).astype(np.uint8))
         ys.append([-1 if v is None else v for v in y])
         kept.append(c)
         if n % 500 == 0:
@@ -145,6 +180,41 @@ def build_crops(cases: List[Case], task: str, size: int, margin: float, margin_o
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(cache, x=x, y=y, case_id=np.array([c.case_id for c in kept]))
     return x, y, kept
+
+
+def crop_cache_name(cfg: ClassifierConfig) -> str:
+    """The crop cache of a run in its work folder (exact crops only, or with the box views of its seed)."""
+    views = f"_views{cfg.box_views}_j{cfg.box_jitter:g}_s{cfg.seed}" if cfg.box_views else ""
+    return f"crops_{cfg.task}_{cfg.size}_{cfg.margin_of}{views}.npz"
+
+
+def init_from_bundles(model, bundles: List[str], tasks: Tuple[str, ...], log: Callable[[str], None] = print) -> None:
+    """Load trained single-task bundles into a (multi-task) EmbeddingNet: the trunk and embedding from the first,
+    each task's classifier rows from its own bundle.  Bundles that do not share that trunk are refused (they would
+    not be one network), as are bundles of another architecture, input or task count."""
+    from ..bundles import open_bundle
+
+    if len(bundles) != len(tasks):
+        raise ValueError(f"--init needs one bundle per task ({', '.join(tasks)}), got {len(bundles)}")
+    state = model.state_dict()
+    trunk = None
+    for t, path in enumerate(bundles):
+        b = open_bundle(path)
+        want = {"backbone": model.backbone, "embedding_dim": model.embedding_dim}
+        got = {k: b.manifest.get("arguments", {}).get(k) for k in want}
+        if b.manifest.get("architecture") != "EmbeddingNet" or got != want:
+            raise ValueError(f"--init {path}: an {b.manifest.get('architecture')} {got}, not an EmbeddingNet {want}")
+        sd = {k: v.float() for k, v in b.model("cpu").state_dict().items()}
+        body = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+        if trunk is None:
+            trunk = body
+        elif any(not torch.equal(trunk[k], body[k]) for k in trunk if k in body and body[k].is_floating_point()):
+            raise ValueError(f"--init {path}: its trunk is not that of {bundles[0]}; the tasks cannot share it")
+        state["classifier.weight"][2 * t:2 * t + 2] = sd["classifier.weight"]
+        state["classifier.bias"][2 * t:2 * t + 2] = sd["classifier.bias"]
+        log(f"[train] {tasks[t]} head initialised from {b.manifest.get('name')} ({path})")
+    state.update(trunk)
+    model.load_state_dict(state)
 
 
 def augmenter(seed: int):
@@ -210,8 +280,13 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
     cases = [c for c in read_manifest_csv(manifest) if any(label_of(c, t) is not None for t in tasks)]
     if cfg.max_cases:  # an evenly spread subset (manifests are often sorted by label)
         cases = cases[:: max(1, len(cases) // cfg.max_cases)][: cfg.max_cases]
+    if cfg.box_views < 0 or not 0 <= cfg.box_jitter < 0.5:
+        raise ValueError("box_views must be >= 0 and box_jitter in [0, 0.5)")
     x, y, cases = build_crops(cases, cfg.task, cfg.size, cfg.margin, cfg.margin_of,
-                              cache=work / f"crops_{cfg.task}_{cfg.size}_{cfg.margin_of}.npz", log=log)
+                              cache=work / crop_cache_name(cfg), log=log,
+                              box_views=cfg.box_views, box_jitter=cfg.box_jitter, seed=cfg.seed)
+    views = x if cfg.box_views else x[:, None]           # (N, 1 + V, H, W); view 0 is the exact crop
+    x = views[:, 0]
     folds = classifier_folds(cases, tasks, cfg.folds, split_seed_of(cfg))
     tr, va = np.where(folds != cfg.val_fold)[0], np.where(folds == cfg.val_fold)[0]
     assert not ({cases[i].patient_id for i in tr} & {cases[i].patient_id for i in va}), "patient on both sides"
@@ -220,6 +295,8 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
         log(f"[train] {name}: {int((ytr >= 0).sum())} training, {int((yva >= 0).sum())} validation crops; "
             f"positives {ytr[ytr >= 0].mean():.2f} / {yva[yva >= 0].mean():.2f}")
     model = build_classifier("EmbeddingNet", backbone=backbone, embedding_dim=128, num_classes=2 * len(tasks), dropout=0.2)
+    if cfg.init:
+        init_from_bundles(model, [b for b in cfg.init.split(",") if b], tasks, log)
     model = model.to(memory_format=torch.channels_last)
     if preset["optimizer"] == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=preset.get("momentum", 0.9), weight_decay=cfg.weight_decay)
@@ -257,7 +334,9 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
             idx = order[s:s + bs]
             if len(idx) < 2:
                 continue
-            imgs = np.stack([np.asarray(aug({"image": x[i][None].astype(np.float32)})["image"])[0] for i in idx])
+            view = rng.integers(0, views.shape[1], len(idx)) if views.shape[1] > 1 else np.zeros(len(idx), int)
+            imgs = np.stack([np.asarray(aug({"image": views[i, v][None].astype(np.float32)})["image"])[0]
+                             for i, v in zip(idx, view)])
             xb = torch.from_numpy(np.clip(imgs, 0, 255)).float().div_(255).unsqueeze(1).repeat(1, 3, 1, 1)
             xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):

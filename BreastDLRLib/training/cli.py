@@ -67,6 +67,11 @@ def register(sub) -> None:
     t.add_argument("--size", type=int, help="input size in pixels (default: 128 for the segmenter and the classifiers)")
     t.add_argument("--backbone", choices=("resnet50", "resnet18", "vgg11_bn"), default=None,
                    help="classifiers: the trunk (default: the preset's; resnet50, vgg11_bn for yang2024)")
+    t.add_argument("--box-views", type=int, default=None,
+                   help="classifiers: extra training crops per lesion around randomly perturbed lesion boxes, one "
+                        "drawn per epoch with the exact crop (default 0); validation stays on exact crops")
+    t.add_argument("--box-jitter", type=float, default=None,
+                   help="classifiers: how far each box edge may move, as a fraction of the box's side (default 0.2)")
     t.add_argument("--max-minutes", type=float, help="time budget (for --cv shared between the folds)")
     t.add_argument("--max-cases", type=int, help="use at most this many training images (quick trials)")
     t.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
@@ -98,8 +103,8 @@ def make_config(a: argparse.Namespace):
     if a.task == "segmenter":
         from .segmenter import SegmenterConfig
 
-        extra = [n for n, v in (("--preset", a.preset), ("--backbone", a.backbone), ("--split-seed", a.split_seed))
-                 if v is not None]
+        extra = [n for n, v in (("--preset", a.preset), ("--backbone", a.backbone), ("--split-seed", a.split_seed),
+                                ("--box-views", a.box_views), ("--box-jitter", a.box_jitter)) if v is not None]
         if extra:
             verb = "apply" if len(extra) > 1 else "applies"
             raise InputError(f"{' and '.join(extra)} {verb} to the malignancy and risk classifiers only; the "
@@ -111,6 +116,10 @@ def make_config(a: argparse.Namespace):
                                max_minutes=a.max_minutes)
     from .classifier import ClassifierConfig, PRESETS
 
+    if a.box_views is not None and a.box_views < 0:
+        raise InputError(f"--box-views must be 0 or more, got {a.box_views}.")
+    if a.box_jitter is not None and not 0 <= a.box_jitter < 0.5:
+        raise InputError(f"--box-jitter must be at least 0 and below 0.5 (a fraction of the box's side), got {a.box_jitter}.")
     preset = a.preset or "cpu"
     base = ClassifierConfig()
     return ClassifierConfig(task=a.task, backbone=a.backbone or PRESETS[preset].get("backbone", "resnet50"),
@@ -119,7 +128,9 @@ def make_config(a: argparse.Namespace):
                             batch_size=a.batch_size or PRESETS[preset]["batch_size"], lr=a.lr or PRESETS[preset]["lr"],
                             folds=a.folds, val_fold=a.val_fold, seed=a.seed, split_seed=a.split_seed,
                             max_minutes=a.max_minutes,
-                            max_cases=a.max_cases, threads=a.threads)
+                            max_cases=a.max_cases, threads=a.threads,
+                            box_views=base.box_views if a.box_views is None else a.box_views,
+                            box_jitter=base.box_jitter if a.box_jitter is None else a.box_jitter)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -212,7 +223,9 @@ def share_crop_cache(task: str, cfg, fold_dirs: Dict[int, Path], k: int) -> None
     """Classifier crops do not depend on the fold: copy the first fold's cache instead of cutting them again."""
     if task == "segmenter":
         return
-    name = f"crops_{task}_{cfg.size}_{cfg.margin_of}.npz"     # the cache name of classifier.train_classifier
+    from .classifier import crop_cache_name
+
+    name = crop_cache_name(cfg)
     target = fold_dirs[k] / name
     for d in fold_dirs.values():
         if d != fold_dirs[k] and (d / name).is_file() and not target.is_file():
@@ -487,6 +500,8 @@ def command_line(task: str, manifest: Path, out: Path, config: Dict[str, Any], c
     if config.get("split_seed") is not None:
         args += ["--split-seed", config["split_seed"]]
     args += ["--cv"] if cv else ["--val-fold", config["val_fold"]]
+    if config.get("box_views"):
+        args += ["--box-views", config["box_views"], "--box-jitter", config.get("box_jitter", 0.2)]
     cap = config.get("max_cases") or config.get("max_train_cases")
     if cap:
         args += ["--max-cases", cap]

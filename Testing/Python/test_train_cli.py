@@ -163,6 +163,9 @@ def test_resume_reuses_finished_work_and_fresh_runs_clear_it(manifest, tmp_path,
     (["segmenter", "--preset", "cpu"], "--preset applies"),
     (["malignancy", "--folds", "2", "--val-fold", "2"], "--val-fold"),
     (["risk", "--folds", "1"], "--folds"),
+    (["segmenter", "--box-views", "2"], "--box-views applies"),
+    (["malignancy", "--box-views", "-1"], "--box-views must be 0 or more"),
+    (["risk", "--box-jitter", "0.5"], "--box-jitter must be"),
 ])
 def test_bad_options_are_refused(manifest, tmp_path, capsys, args, expected):
     out = tmp_path / "x"
@@ -262,3 +265,22 @@ def test_make_ensemble_of_two_members_on_one_split(manifest, tmp_path, capsys):
         p_net = torch.softmax(ens.model()(t), 1)[:, 1].numpy()
     p_plain = np.mean([predict_probs(open_bundle(m).model(), x[va][:2], False)[:, 0] for m in members], 0)
     np.testing.assert_allclose(p_net, p_plain, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_box_views_train_and_reach_the_card(manifest, tmp_path):
+    """--box-views: the run trains on perturbed-box crops besides the exact ones (cached with their own name), still
+    validates on the exact crops of whole held-out patients, and the card's retrain command carries the options."""
+    out = tmp_path / "bv"
+    assert _train("malignancy", "--manifest", str(manifest), "--out", str(out), "--backbone", "resnet18",
+                  "--folds", "2", "--box-views", "2", "--box-jitter", "0.25", *FAST) == 0
+    b = open_bundle(out)
+    cfg = b.manifest["provenance"]["config"]
+    assert cfg["box_views"] == 2 and cfg["box_jitter"] == 0.25
+    assert "--box-views 2 --box-jitter 0.25" in b.manifest["provenance"]["command"]
+    assert "perturbed" in (out / "MODEL_CARD.md").read_text()
+    z = np.load(tmp_path / "bv-work" / "crops_malignancy_32_longer_views2_j0.25_s0.npz")
+    assert z["x"].shape[1:] == (3, 32, 32)
+    usable = _labelled(manifest)
+    folds = patient_folds(usable, 2, 0, stratify="label")
+    assert b.manifest["metrics"]["val_crops"] == int((folds == 0).sum())

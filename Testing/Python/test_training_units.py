@@ -117,3 +117,81 @@ def test_a_cards_retrain_command_carries_the_runs_non_default_options():
            "max_minutes": 110.0, "bf16": False, "lr": 0.0}
     assert retrain_options(cfg) == " --epochs 22 --patience 30"
     assert retrain_options({"task": "risk", "seed": 3, "size": 160}) == " --size 160 --seed 3"
+
+
+def test_jittered_boxes_stay_in_the_image_and_within_the_jitter():
+    from BreastDLRLib.training.classifier import jittered_boxes
+
+    box = np.array([[0, 1], [40, 60], [10, 90]])          # 2D: k is the single slice
+    shape = (1, 100, 95)
+    boxes = jittered_boxes(box, shape, 200, 0.2, np.random.default_rng(3))
+    assert len(boxes) == 200
+    moved = False
+    for b in boxes:
+        assert b[0].tolist() == [0, 1]                       # the slice axis is never touched
+        for ax, side in ((1, 20), (2, 80)):
+            assert 0 <= b[ax, 0] < b[ax, 1] <= shape[ax]
+            assert np.all(np.abs(b[ax] - box[ax]) <= 0.2 * side + 0.5)
+            moved |= bool(np.any(b[ax] != box[ax]))
+    assert moved
+    again = jittered_boxes(box, shape, 200, 0.2, np.random.default_rng(3))
+    assert all(np.array_equal(a, b) for a, b in zip(boxes, again))      # seeded
+    edge = jittered_boxes(np.array([[0, 1], [0, 2], [93, 95]]), shape, 50, 0.45, np.random.default_rng(0))
+    assert all(0 <= b[1, 0] < b[1, 1] <= 100 and 0 <= b[2, 0] < b[2, 1] <= 95 for b in edge)   # clipped, never empty
+
+
+def test_box_views_start_with_the_exact_crop(tmp_path):
+    from BreastDLRLib.synthetic import make_dataset_2d
+    from BreastDLRLib.training.classifier import build_crops, lesion_crop, lesion_crops
+    from BreastDLRLib.training.data import read_manifest_csv
+
+    cases = [c for c in read_manifest_csv(make_dataset_2d(6, 1, tmp_path, shape=(96, 96), spacing_mm=0.25))
+             if c.malignant is not None]
+    c = next(c for c in cases if lesion_crops(c, 32, 0.3) is not None)
+    views = lesion_crops(c, 32, 0.3, box_views=3, box_jitter=0.25, seed=1)
+    assert views.shape == (4, 32, 32)
+    np.testing.assert_array_equal(views[0], lesion_crop(c, 32, 0.3))
+    assert all(not np.array_equal(views[0], v) for v in views[1:])
+    np.testing.assert_array_equal(views, lesion_crops(c, 32, 0.3, box_views=3, box_jitter=0.25, seed=1))
+    x, y, kept = build_crops(cases, "malignancy", 32, 0.3, box_views=2, box_jitter=0.25, seed=1)
+    x0, y0, kept0 = build_crops(cases, "malignancy", 32, 0.3)
+    assert x.shape[1:] == (3, 32, 32) and x.dtype == np.uint8
+    np.testing.assert_array_equal(x[:, 0], x0)                 # view 0 is what training without views sees
+    assert [k.case_id for k in kept] == [k.case_id for k in kept0] and np.array_equal(y, y0)
+
+
+def _bundle(folder, net, task):
+    from BreastDLRLib.bundles import save_bundle
+
+    return save_bundle(folder, net, {
+        "name": f"t-{task}", "version": "0", "role": task, "architecture": "EmbeddingNet",
+        "arguments": {"backbone": "resnet18", "embedding_dim": 8}, "input": {"size": [32, 32], "margin": 0.3},
+        "labels": ["negative", "positive"], "thresholds": {"probability": 0.5}, "provenance": {"data": "none"},
+        "metrics": {}, "licence": "Apache-2.0", "intended_use": "Tests only."}, "card").path
+
+
+def test_init_from_bundles_puts_each_head_on_the_shared_trunk(tmp_path):
+    import pytest
+
+    from BreastDLRLib.training.classifier import init_from_bundles
+
+    torch.manual_seed(0)
+    joint = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=8, num_classes=4).eval()
+    bm = _bundle(tmp_path / "bm", task_model(joint, 0), "malignancy")
+    lh = _bundle(tmp_path / "lh", task_model(joint, 1), "risk")
+    torch.manual_seed(1)
+    fresh = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=8, num_classes=4).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert not torch.allclose(fresh(x), joint(x), atol=1e-2)
+    init_from_bundles(fresh, [str(bm), str(lh)], ("malignancy", "risk"), log=lambda m: None)
+    with torch.no_grad():                                   # the bundles hold float16: equal to that precision
+        assert torch.allclose(fresh(x), joint(x), atol=2e-2)
+    torch.manual_seed(2)
+    other = _bundle(tmp_path / "other", build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=8), "risk")
+    with pytest.raises(ValueError, match="trunk is not that of"):
+        init_from_bundles(fresh, [str(bm), str(other)], ("malignancy", "risk"))
+    with pytest.raises(ValueError, match="one bundle per task"):
+        init_from_bundles(fresh, [str(bm)], ("malignancy", "risk"))
+    wide = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=16, num_classes=2)
+    with pytest.raises(ValueError, match="not an EmbeddingNet"):
+        init_from_bundles(wide, [str(bm)], ("malignancy",))

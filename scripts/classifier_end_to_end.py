@@ -1,0 +1,84 @@
+"""Measure the 2D classifiers end to end on their own held-out patients: `breastdlr predict` on the held-out fold's
+images, so the segmenter outlines and crops every lesion as it does for a user (no reader outline).
+
+    .venv/bin/python scripts/classifier_end_to_end.py --manifest ../shared/data/breast-us/manifest.csv \
+        --malignancy Resources/Models/breastdlr-malignancy-2d --risk Resources/Models/breastdlr-risk-2d \
+        --work runs/e2e
+
+The held-out fold is cut again from the bundles' own split (BreastDLRLib.training.heldout).  Writes
+``<work>/heldout_manifest.csv`` (the fold's rows, absolute paths), ``<work>/predictions.csv`` (what `predict`
+wrote) and ``<work>/end_to_end.json`` (per task: AUC with its DeLong CI, by dataset, and how many images had no
+lesion found).  `breastdlr evaluate <work>/predictions.csv --truth <work>/heldout_manifest.csv` gives the full report.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from BreastDLRLib.batch import predict_manifest  # noqa: E402
+from BreastDLRLib.bundles import open_bundle  # noqa: E402
+from BreastDLRLib.evaluation import roc_auc  # noqa: E402
+from BreastDLRLib.training.heldout import held_out_crops  # noqa: E402
+
+COLUMN = {"malignancy": "probability_malignant", "risk": "probability_high_risk"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--malignancy", default="Resources/Models/breastdlr-malignancy-2d")
+    ap.add_argument("--risk", default="Resources/Models/breastdlr-risk-2d")
+    ap.add_argument("--segmenter", default=None, help="a segmenter bundle (default: the shipped one)")
+    ap.add_argument("--work", default="runs/e2e")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    labels = {}
+    for task, path in (("malignancy", a.malignancy), ("risk", a.risk)):
+        _, y, cases = held_out_crops([open_bundle(path).manifest], a.manifest, task, cache_dir=work)
+        labels[task] = {c.case_id: (int(v), c) for v, c in zip(y, cases)}
+    rows = {cid: c for task in labels for cid, (_, c) in labels[task].items()}
+    base = Path(a.manifest).resolve().parent
+    sub = work / "heldout_manifest.csv"
+    fields = list(next(iter(rows.values())).row)
+    with open(sub, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for c in rows.values():
+            r = dict(c.row)
+            for k in ("image", "mask"):
+                if r.get(k):
+                    r[k] = str(base / r[k])
+            w.writerow(r)
+    models = [a.malignancy, a.risk] + ([a.segmenter] if a.segmenter else [])
+    preds_csv = work / "predictions.csv"
+    predict_manifest(sub, preds_csv, device="cpu", model_paths=models)
+    with open(preds_csv, newline="", encoding="utf-8") as f:
+        preds = {r["case_id"]: r for r in csv.DictReader(f)}
+    out = {"malignancy_model": open_bundle(a.malignancy).manifest["weights"]["sha256"],
+           "risk_model": open_bundle(a.risk).manifest["weights"]["sha256"], "tasks": {}}
+    for task, lab in labels.items():
+        ids = [cid for cid in lab if preds.get(cid, {}).get(COLUMN[task]) not in (None, "")]
+        y = np.array([lab[cid][0] for cid in ids])
+        p = np.array([float(preds[cid][COLUMN[task]]) for cid in ids])
+        auc = roc_auc(y, p)
+        ds = np.array([lab[cid][1].dataset for cid in ids])
+        out["tasks"][task] = {
+            "n": len(ids), "n_positive": int(y.sum()), "auc": auc.auc, "ci95": [auc.ci_low, auc.ci_high],
+            "auc_by_dataset": {d: roc_auc(y[ds == d], p[ds == d]).auc for d in sorted(set(ds))
+                               if len(set(y[ds == d])) == 2},
+            "no_lesion_found": int(sum(preds[cid]["lesion_found"] == "false" for cid in ids)),
+            "missing": len(lab) - len(ids)}
+        print(task, json.dumps(out["tasks"][task]), flush=True)
+    (work / "end_to_end.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
