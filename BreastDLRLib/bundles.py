@@ -207,34 +207,67 @@ def open_bundle(path: os.PathLike, verify: bool = True) -> Bundle:
                 f"The manifest of model '{manifest['name']}' was changed after it was released (its checksum differs "
                 f"from {INDEX}); it is refused. Reinstall the model."
             )
-        for name, sha, _ in weight_files(manifest):
-            wfile = folder / name
+        for wf in weight_files(manifest):
+            wfile = folder / wf.relpath
+            whose = "" if not wf.bundle else f" of the model '{wf.bundle}', whose trunk it uses,"
             if not wfile.is_file():
-                raise ModelBundleError(f"Model '{manifest['name']}': the weights file {wfile.name} is missing; reinstall the model.")
-            if sha256_file(wfile) != sha:
                 raise ModelBundleError(
-                    f"Model '{manifest['name']}': the weights file {wfile.name} does not match its checksum; it was altered "
-                    "or damaged and is refused. Reinstall the model."
-                )
+                    f"Model '{manifest['name']}': the weights file {wf.file}{whose} is missing; "
+                    + (f"install '{wf.bundle}' in the same folder (the two models come together)." if wf.bundle
+                       else "reinstall the model."))
+            if sha256_file(wfile) != wf.sha256:
+                raise ModelBundleError(
+                    f"Model '{manifest['name']}': the weights file {wf.file}{whose} does not match its checksum; it was "
+                    "altered, damaged or replaced by another release and is refused. Reinstall "
+                    + (f"'{manifest['name']}' and '{wf.bundle}' together." if wf.bundle else "the model."))
     return Bundle(folder, manifest)
 
 
-def weight_files(manifest: Dict[str, Any]) -> List[tuple]:
-    """(file name, sha256, key prefix) of every weights file: the main one, then ``weights.parts``.
+@dataclass(frozen=True)
+class WeightFile:
+    """One weights file of a bundle: ``file`` in the bundle's folder, or in the sibling bundle folder ``bundle``
+    (a model that uses another's trunk); its tensors are named ``prefix`` + their stored name, and with ``only``
+    just those whose stored name starts with one of its prefixes are taken."""
+
+    file: str
+    sha256: str
+    prefix: str = ""
+    bundle: str = ""
+    only: tuple = ()
+
+    @property
+    def relpath(self) -> Path:
+        """Its path relative to the bundle's folder."""
+        return Path(self.file) if not self.bundle else Path("..") / self.bundle / self.file
+
+
+def _plain_name(v: Any) -> bool:
+    return isinstance(v, str) and bool(v) and v not in (".", "..") and "/" not in v and "\\" not in v
+
+
+def weight_files(manifest: Dict[str, Any]) -> List[WeightFile]:
+    """Every weights file: the main one, then ``weights.parts``.
 
     A part holds some of the network's tensors under names without ``prefix`` (an ensemble's second member, say,
-    stored apart so that the first member's file stays as it was released)."""
+    stored apart so that the first member's file stays as it was released).  A part with ``bundle`` lies in that
+    sibling bundle's folder (the risk model taking the malignancy model's trunk: one trunk stored once) and takes
+    only the tensors named by ``only``; its sha256 pins the sibling's release."""
     w = manifest["weights"]
-    files = [(str(w.get("file", WEIGHTS)), w["sha256"], str(w.get("prefix", "")))]
+    files = [WeightFile(str(w.get("file", WEIGHTS)), w["sha256"], str(w.get("prefix", "")))]
     parts = w.get("parts", [])
     if not isinstance(parts, list):
         raise ModelBundleError(f"Model '{manifest.get('name')}': 'weights.parts' must be a list; the bundle is damaged.")
     for part in parts:
         if not isinstance(part, dict) or not isinstance(part.get("sha256"), str) or len(part["sha256"]) != 64 \
-                or not isinstance(part.get("file"), str) or "/" in part["file"] or "\\" in part["file"]:
+                or not _plain_name(part.get("file")):
             raise ModelBundleError(f"Model '{manifest.get('name')}': a weights part lacks its file name or sha256; it "
                                    "cannot be verified and is refused.")
-        files.append((part["file"], part["sha256"], str(part.get("prefix", ""))))
+        bundle, only = part.get("bundle", ""), part.get("only", [])
+        if bundle and (not _plain_name(bundle) or not isinstance(only, list) or not only
+                       or not all(isinstance(o, str) and o for o in only)):
+            raise ModelBundleError(f"Model '{manifest.get('name')}': a weights part taken from another model must name "
+                                   "that model's folder and the tensors it takes ('only'); the bundle is damaged.")
+        files.append(WeightFile(part["file"], part["sha256"], str(part.get("prefix", "")), bundle, tuple(only)))
     return files
 
 
@@ -244,13 +277,16 @@ def load_weights(bundle: Bundle) -> Dict[str, Any]:
     from safetensors.torch import load_file
 
     state: Dict[str, Any] = {}
-    for name, _, prefix in weight_files(bundle.manifest):
+    for wf in weight_files(bundle.manifest):
         try:
-            tensors = load_file(str(bundle.path / name))
+            tensors = load_file(str(bundle.path / wf.relpath))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelBundleError(f"Model '{bundle.name}': the weights in {name} cannot be read ({exc}); reinstall the "
-                                   "model.") from exc
+            raise ModelBundleError(f"Model '{bundle.name}': the weights in {wf.file} cannot be read ({exc}); reinstall "
+                                   "the model.") from exc
+        prefix = wf.prefix
         for k, v in tensors.items():
+            if wf.only and not k.startswith(wf.only):
+                continue
             if prefix + k in state:
                 raise ModelBundleError(f"Model '{bundle.name}': the tensor {prefix + k} is stored twice; the bundle is "
                                        "damaged: reinstall the model.")
@@ -339,7 +375,7 @@ def save_ensemble_bundle(folder: os.PathLike, members: Sequence[os.PathLike], ma
         raise ModelBundleError("An ensemble needs at least one member bundle.")
     first = opened[0].manifest
     for b in opened:
-        if b.manifest["architecture"] == "EnsembleNet" or weight_files(b.manifest)[1:] or b.is_head:
+        if b.manifest["architecture"] == "EnsembleNet" or weight_files(b.manifest)[1:] or b.is_head:  # incl. shared trunks
             raise ModelBundleError(f"Model '{b.name}' is not a single network and cannot be an ensemble member.")
         if (b.manifest["architecture"], b.manifest["arguments"]) != (first["architecture"], first["arguments"]):
             raise ModelBundleError(f"Model '{b.name}' has another architecture or other arguments than "
@@ -354,7 +390,7 @@ def save_ensemble_bundle(folder: os.PathLike, members: Sequence[os.PathLike], ma
     files = []
     for k, b in enumerate(opened):
         name = WEIGHTS if k == 0 else f"member-{k}.safetensors"
-        shutil.copyfile(b.path / weight_files(b.manifest)[0][0], tmp / name)
+        shutil.copyfile(b.path / weight_files(b.manifest)[0].file, tmp / name)
         files.append({"file": name, "sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size,
                       "prefix": f"members.{k}."})
     m = dict(manifest)
@@ -368,6 +404,51 @@ def save_ensemble_bundle(folder: os.PathLike, members: Sequence[os.PathLike], ma
     (tmp / MODEL_CARD).write_text(model_card, encoding="utf-8")
     _publish(tmp, folder)
     return open_bundle(folder)
+
+
+def share_weights(main: os.PathLike, other: os.PathLike) -> Bundle:
+    """Store the trunk of two networks trained together once: rewrite the bundle ``other`` so that it keeps only
+    the tensors it does not share with its sibling ``main`` (the same parent folder) and takes the others from
+    ``main``'s weights file, pinned by its sha256 (``weights.parts`` with ``bundle`` and ``only``).
+
+    Shared are whole top-level modules (``trunk.``, ``embedding.``, ...) whose every tensor is identical in both;
+    two bundles that share none, or of other architectures or arguments, are refused.  The network ``other``
+    builds is unchanged, tensor for tensor.  Atomic like :func:`save_bundle`; returns the verified bundle."""
+    from safetensors.torch import load_file, save_file
+
+    a, b = open_bundle(main), open_bundle(other)
+    if a.path.parent != b.path.parent:
+        raise ModelBundleError(f"Model '{b.name}' can only share the weights of a model in its own folder.")
+    if (a.manifest["architecture"], a.manifest["arguments"]) != (b.manifest["architecture"], b.manifest["arguments"]):
+        raise ModelBundleError(f"Models '{a.name}' and '{b.name}' are not the same network; they share no trunk.")
+    if weight_files(a.manifest)[1:] or weight_files(b.manifest)[1:] or a.is_head or b.is_head:
+        raise ModelBundleError("Only two single-file networks can share their trunk.")
+    ta, tb = load_file(str(a.path / weight_files(a.manifest)[0].file)), load_file(str(b.path / weight_files(b.manifest)[0].file))
+    if set(ta) != set(tb):
+        raise ModelBundleError(f"Models '{a.name}' and '{b.name}' do not hold the same tensors; they share no trunk.")
+    modules = sorted({k.split(".")[0] + "." for k in tb})
+    shared = [m for m in modules if all(ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape
+                                        and bool((ta[k] == tb[k]).all()) for k in tb if k.startswith(m))]
+    if not shared:
+        raise ModelBundleError(f"Models '{a.name}' and '{b.name}' have no module in common; they share no trunk.")
+    own = {k: v for k, v in tb.items() if not k.startswith(tuple(shared))}
+    if not own:
+        raise ModelBundleError(f"Model '{b.name}' is the same network as '{a.name}'; nothing is left of its own.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{b.path.name}-", dir=b.path.parent))
+    save_file(own, str(tmp / WEIGHTS))
+    wa = a.manifest["weights"]
+    m = dict(b.manifest)
+    m["weights"] = {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS), "dtype": b.manifest["weights"].get("dtype"),
+                    "bytes": (tmp / WEIGHTS).stat().st_size,
+                    "parts": [{"bundle": a.path.name, "file": wa.get("file", WEIGHTS), "sha256": wa["sha256"],
+                               "only": shared}]}
+    m["uses_weights_of"] = a.name
+    (tmp / MANIFEST).write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
+    for f in b.path.iterdir():
+        if f.is_file() and f.name not in (MANIFEST, WEIGHTS):
+            (tmp / f.name).write_bytes(f.read_bytes())
+    _publish(tmp, b.path)
+    return open_bundle(b.path)
 
 
 def save_head_bundle(folder: os.PathLike, head_state: Dict[str, Any], manifest: Dict[str, Any], model_card: str) -> Bundle:

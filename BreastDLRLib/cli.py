@@ -128,7 +128,9 @@ def cmd_models(a: argparse.Namespace) -> int:
     if a.verify:
         for r in rows:
             open_bundle(r["path"]).model("cpu")
-    out = [{k: r[k] for k in ("role", "name", "version", "default", "path")} for r in rows]
+    out = [{**{k: r[k] for k in ("role", "name", "version", "default", "path")},
+            **({"uses_weights_of": r["manifest"]["uses_weights_of"]} if r["manifest"].get("uses_weights_of") else {})}
+           for r in rows]
     print(json.dumps(out, indent=2))
     return 0
 

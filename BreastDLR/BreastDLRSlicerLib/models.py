@@ -62,8 +62,9 @@ def import_bundle(source: os.PathLike, models_dir: os.PathLike, overwrite: bool 
 
     The copy is made in a temporary folder and renamed, so a failed copy leaves nothing half-written.
     Raises ``ModelBundleError`` for a bad bundle and ``FileExistsError`` when a model of that folder name is
-    there already and ``overwrite`` is false."""
-    from BreastDLRLib.bundles import open_bundle
+    there already and ``overwrite`` is false.  A model that uses the trunk of a sibling (``weights.parts`` with
+    ``bundle``) brings that sibling along, unless the very release it needs is imported already."""
+    from BreastDLRLib.bundles import open_bundle, sha256_file, weight_files
 
     source = Path(source).expanduser().resolve()
     bundle = open_bundle(source, verify=True)
@@ -72,6 +73,10 @@ def import_bundle(source: os.PathLike, models_dir: os.PathLike, overwrite: bool 
     target = models_dir / source.name
     if target.resolve() == source:
         return target
+    for wf in weight_files(bundle.manifest):
+        have = models_dir / wf.bundle / wf.file
+        if wf.bundle and not (have.is_file() and sha256_file(have) == wf.sha256):
+            import_bundle(source.parent / wf.bundle, models_dir, overwrite=overwrite)
     if target.exists() and not overwrite:
         raise FileExistsError(_("A model named '{name}' is already imported.").format(name=source.name))
     tmp = Path(tempfile.mkdtemp(prefix=f".{source.name}-", dir=models_dir))

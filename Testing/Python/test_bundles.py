@@ -218,3 +218,99 @@ def test_saving_into_an_indexed_models_folder_updates_its_index(bundle_dir):
     assert {e["folder"] for e in json.loads((path.parent / "models.json").read_text())["models"]} == {"clf", "other"}
     with pytest.raises(ModelBundleError, match="changed after it was released"):
         open_bundle(path)
+
+
+# ------------------------------------------------------------------------------- one trunk for two models
+def _pair(folder, seed=0, other_seed=None):
+    """BM and LH split from one two-task network (as train_classifier --task both writes them), fp16."""
+    from BreastDLRLib.training.classifier import task_model
+
+    torch.manual_seed(seed)
+    joint = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=8, num_classes=4).eval()
+    args = {"backbone": "resnet18", "embedding_dim": 8}
+    bm = save_bundle(folder / "bm", task_model(joint, 0), {**COMMON, "name": "bm", "role": "malignancy",
+                                                           "architecture": "EmbeddingNet", "arguments": args}, "card", half=True)
+    if other_seed is not None:
+        torch.manual_seed(other_seed)
+        joint = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=8, num_classes=4).eval()
+    lh = save_bundle(folder / "lh", task_model(joint, 1), {**COMMON, "name": "lh", "role": "risk",
+                                                           "architecture": "EmbeddingNet", "arguments": args}, "card lh", half=True)
+    return bm.path, lh.path
+
+
+def test_shared_trunk_is_stored_once_and_builds_the_same_network(tmp_path):
+    from BreastDLRLib.bundles import share_weights
+
+    bm, lh = _pair(tmp_path / "models")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = open_bundle(lh).model()(x)
+    big = (lh / "weights.safetensors").stat().st_size
+    b = share_weights(bm, lh)
+    assert (lh / "weights.safetensors").stat().st_size < big / 100          # only its last layer is its own
+    part = b.manifest["weights"]["parts"][0]
+    assert part["bundle"] == "bm" and part["sha256"] == sha256_file(bm / "weights.safetensors")
+    assert part["only"] == ["embedding.", "trunk."] and b.manifest["uses_weights_of"] == "bm"
+    assert (lh / "MODEL_CARD.md").read_text() == "card lh"
+    with torch.no_grad():
+        assert torch.equal(open_bundle(lh).model()(x), before)
+
+
+def test_a_shared_trunk_that_is_missing_or_replaced_is_refused(tmp_path):
+    from BreastDLRLib.bundles import share_weights
+
+    bm, lh = _pair(tmp_path / "models")
+    share_weights(bm, lh)
+    data = bytearray((bm / "weights.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bm / "weights.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelBundleError, match="of the model 'bm', whose trunk it uses, does not match"):
+        open_bundle(lh)
+    shutil.rmtree(bm)
+    with pytest.raises(ModelBundleError, match="install 'bm' in the same folder"):
+        open_bundle(lh)
+
+
+@pytest.mark.parametrize("part", [{"bundle": "../x", "only": ["trunk."]}, {"bundle": "bm", "only": []},
+                                  {"bundle": "bm"}, {"bundle": "bm", "only": [""]}])
+def test_bad_shared_parts_are_refused(tmp_path, part):
+    from BreastDLRLib.bundles import share_weights
+
+    bm, lh = _pair(tmp_path / "models")
+    share_weights(bm, lh)
+    m = json.loads((lh / "manifest.json").read_text())
+    m["weights"]["parts"][0] = {**{k: v for k, v in m["weights"]["parts"][0].items() if k not in ("bundle", "only")}, **part}
+    (lh / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelBundleError, match="weights part"):
+        open_bundle(lh)
+
+
+def test_models_without_a_common_trunk_do_not_share(tmp_path):
+    from BreastDLRLib.bundles import share_weights
+
+    bm, lh = _pair(tmp_path / "models", seed=0, other_seed=1)
+    with pytest.raises(ModelBundleError, match="no module in common"):
+        share_weights(bm, lh)
+    bm2, _ = _pair(tmp_path / "elsewhere")
+    with pytest.raises(ModelBundleError, match="its own folder"):
+        share_weights(bm2, lh)
+
+
+def test_a_model_with_a_shared_trunk_is_imported_with_its_sibling_and_is_no_ensemble_member(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "BreastDLR"))
+    from BreastDLRSlicerLib import models as slicer_models  # the module's plain-Python helpers (no Qt)
+    from BreastDLRLib.bundles import save_ensemble_bundle, share_weights
+
+    bm, lh = _pair(tmp_path / "models")
+    share_weights(bm, lh)
+    dest = tmp_path / "user"
+    copied = slicer_models.import_bundle(lh, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["bm", "lh"]
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(open_bundle(copied).model()(x), open_bundle(lh).model()(x))
+    with pytest.raises(ModelBundleError, match="not a single network"):
+        save_ensemble_bundle(tmp_path / "ens", [bm, lh], {**COMMON, "name": "e", "role": "risk"}, "card")

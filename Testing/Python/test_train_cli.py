@@ -284,3 +284,43 @@ def test_box_views_train_and_reach_the_card(manifest, tmp_path):
     usable = _labelled(manifest)
     folds = patient_folds(usable, 2, 0, stratify="label")
     assert b.manifest["metrics"]["val_crops"] == int((folds == 0).sum())
+
+
+@pytest.mark.slow
+def test_joint_training_script_stores_the_trunk_once_and_fine_tunes_from_it(manifest, tmp_path):
+    """scripts/train_classifier.py --task both: BM and LH, LH holding only its last layer; --init then fine-tunes
+    the pair (box views on) on the same split, and the held-out patients stay those of the first run."""
+    import runpy
+    import sys
+
+    import torch
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train_classifier.py"
+
+    def run(*args):
+        argv = sys.argv
+        sys.argv = [str(script), "--manifest", str(manifest), "--task", "both", "--backbone", "resnet18",
+                    "--folds", "2", "--size", "32", "--epochs", "1", "--threads", "1", *args]
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        finally:
+            sys.argv = argv
+
+    run("--out", str(tmp_path / "base"), "--work", str(tmp_path / "w1"))
+    bm, lh = open_bundle(tmp_path / "base" / "breastdlr-malignancy-2d"), open_bundle(tmp_path / "base" / "breastdlr-risk-2d")
+    assert lh.manifest["uses_weights_of"] == "breastdlr-malignancy-2d"
+    assert lh.manifest["weights"]["bytes"] < 2000 < bm.manifest["weights"]["bytes"]
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(bm.model().embed(x), lh.model().embed(x))      # one trunk
+    run("--out", str(tmp_path / "ft"), "--work", str(tmp_path / "w2"), "--box-views", "1", "--lr", "0.0001",
+        "--init", f"{bm.path},{lh.path}")
+    ft = open_bundle(tmp_path / "ft" / "breastdlr-malignancy-2d")
+    cfg = ft.manifest["provenance"]["config"]
+    assert cfg["init"] == f"{bm.path},{lh.path}" and cfg["box_views"] == 1
+    assert f"--init {bm.path},{lh.path}" in ft.manifest["provenance"]["command"]
+    assert "Fine-tuned from" in (ft.path / "MODEL_CARD.md").read_text()
+    assert ft.manifest["metrics"]["val_crops"] == bm.manifest["metrics"]["val_crops"]
+    z1 = np.load(tmp_path / "w1" / "val_malignancy.npz")
+    z2 = np.load(tmp_path / "w2" / "val_malignancy.npz")
+    assert list(z1["case_id"]) == list(z2["case_id"])                     # the same held-out patients
