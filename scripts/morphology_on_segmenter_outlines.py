@@ -31,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--work", default="runs/tta", help="folder of val_malignancy.npz and val_risk.npz")
+    ap.add_argument("--out", default=None, help="JSON file for the figures (train_morphology.py --segmenter-check)")
     a = ap.parse_args()
     by_id = {c.case_id: c for c in read_manifest_csv(a.manifest)}
     pipe = Pipeline.from_paths(device="cpu")
@@ -55,6 +56,8 @@ def main() -> None:
         out[task] = {"lesions": int(len(ys)), "auc_image_only": roc_auc(ys, image).auc,
                      "auc_morphology_on_segmenter_outlines": roc_auc(ys, fused).auc}
         print(task, json.dumps(out[task]), flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

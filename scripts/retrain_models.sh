@@ -16,9 +16,14 @@ export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
   $py scripts/make_mixed_manifest.py --manifest "$manifest" --out "$work/mix"
   $py scripts/train_segmenter.py --manifest "$work/mix/manifest.csv" --init "$work/segmenter-real" --epochs 7 --lr 0.0005 \
       --out Resources/Models/breastdlr-segmenter-2d --work "$work/segmix" --threads 1 ) &
-# BM and LH: one ResNet50 trunk, two heads (its bundles declare the mirror test-time augmentation)
+# BM and LH: one ResNet50 trunk, two heads (its bundles declare the mirror test-time augmentation); 22 epochs on
+# the exact lesion crops, then a fine-tune on the same split with crops around perturbed lesion boxes (box views)
 $py scripts/train_classifier.py --manifest "$manifest" --task both --seed 0 --epochs 22 --patience 30 \
-    --out Resources/Models --work "$work/classifiers" --threads 1
+    --out "$work/classifiers-base" --work "$work/classifiers" --threads 1
+$py scripts/train_classifier.py --manifest "$manifest" --task both --seed 0 --epochs 10 --lr 0.0003 --patience 30 \
+    --box-views 4 --box-jitter 0.2 \
+    --init "$work/classifiers-base/breastdlr-malignancy-2d,$work/classifiers-base/breastdlr-risk-2d" \
+    --out Resources/Models --work "$work/classifiers-ft" --threads 1
 wait
 for task in malignancy risk; do   # held-out probabilities with the mirror, for the fusion head and the 4A table
   $py scripts/add_mirror_tta.py --manifest "$manifest" --task "$task" --bundle "Resources/Models/breastdlr-$task-2d" \
@@ -27,12 +32,20 @@ done
 $py scripts/train_abvs.py --init Resources/Models/breastdlr-malignancy-2d --out Resources/Models/breastdlr-abvs-threeplane --epochs 8
 $py scripts/train_fusion.py --manifest "$manifest" --val "$work/tta/val_malignancy.npz" \
     --out Resources/Models/breastdlr-fusion-age
-for task in malignancy risk; do   # image score + handcrafted features of the reader's outline (seconds)
-  $py scripts/train_morphology.py --manifest "$manifest" --task "$task" --val "$work/tta/val_$task.npz" \
-      --image-model "Resources/Models/breastdlr-$task-2d" --out "Resources/Models/breastdlr-morphology-$task" \
-      --work "$work/morphology"
-done
+morphology() {   # image score + handcrafted features of the reader's outline (seconds)
+  for task in malignancy risk; do
+    $py scripts/train_morphology.py --manifest "$manifest" --task "$task" --val "$work/tta/val_$task.npz" \
+        --image-model "Resources/Models/breastdlr-$task-2d" --out "Resources/Models/breastdlr-morphology-$task" \
+        --work "$work/morphology" "$@"
+  done
+}
+morphology
+# what the morphology heads would do on the segmenter's outlines, quoted in their cards (the fit is deterministic)
+$py scripts/morphology_on_segmenter_outlines.py --manifest "$manifest" --work "$work/tta" --out "$work/morphology-on-segmenter.json"
+morphology --segmenter-check "$work/morphology-on-segmenter.json"
 $py scripts/restratification.py --manifest "$manifest" --work "$work/tta" --fusion Resources/Models/breastdlr-fusion-age \
     --risk-model Resources/Models/breastdlr-risk-2d
 $py scripts/restratification.py --manifest "$manifest" --work "$work/tta" --morphology "$work/morphology"
+$py scripts/segmenter_heldout.py --manifest "$manifest" --out "$work/segmenter-heldout.json"
+$py scripts/classifier_end_to_end.py --manifest "$manifest" --work "$work/e2e"
 $py -c "from BreastDLRLib.bundles import write_index; print(write_index('Resources/Models'))"

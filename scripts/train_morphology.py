@@ -72,6 +72,9 @@ def main() -> None:
     ap.add_argument("--C", type=float, default=1.0, help="L2 strength of stage 1 (inverse)")
     ap.add_argument("--sensitivity", type=float, default=0.95,
                     help="malignancy: the cross-validated sensitivity the threshold must keep (rule-out point)")
+    ap.add_argument("--segmenter-check", default=None,
+                    help="JSON of scripts/morphology_on_segmenter_outlines.py --out, measured with this same fit: "
+                         "quoted in the card (why the model is not applied to the segmenter's outlines)")
     a = ap.parse_args()
     key, labels, what = KEYS[a.task]
     image_model = open_bundle(a.image_model)
@@ -118,6 +121,10 @@ def main() -> None:
                f"--val <work>/tta/val_{a.task}.npz --image-model Resources/Models/{image_model.name} "
                f"--out Resources/Models/{Path(a.out).name} (val_{a.task}.npz from scripts/add_mirror_tta.py)")
     name = Path(a.out).name
+    seg_check = None
+    if a.segmenter_check:
+        seg_check = json.loads(Path(a.segmenter_check).read_text(encoding="utf-8")).get(a.task)
+        res["segmenter_outlines"] = seg_check
     manifest = {
         "name": name, "version": __version__, "role": f"morphology-{a.task}", "default": True,
         "task": f"{what} from the image model's score and handcrafted features of a reader's lesion outline",
@@ -144,6 +151,13 @@ optimistic, and tune it on your own data.
             for d, v in res["by_dataset"].items() if v["cv_auc_fused"] < v["auc_image_only"]]
     worse = "" if not lost else (" The fused score was below the image model's alone on " + ", ".join(lost) + ".")
     feature_list = "\n".join(f"- `{n}`: {d}" for n, d in FEATURES)
+    seg_text = ("Not measured on the segmenter's outlines for this fit (scripts/morphology_on_segmenter_outlines.py)."
+                if not seg_check else
+                f"Measured on the held-out fold with the shipped segmenter's outlines instead "
+                f"(scripts/morphology_on_segmenter_outlines.py, {seg_check['lesions']} lesions with a lesion found): AUC "
+                f"{seg_check['auc_morphology_on_segmenter_outlines']:.3f}, against {seg_check['auc_image_only']:.3f} "
+                "for the image model alone on the datasets' own outlines. The head was fitted on reader outlines and is "
+                "not applied to the segmenter's.")
     card = f"""# Model card: {name}
 
 **Intended use.** {INTENDED_USE}
@@ -155,10 +169,7 @@ radiomics half of deep-learning radiomics). A logistic regression on the standar
 
 **Only for outlines a reader drew or confirmed.** `analyze --outline MASK`, `predict --outline manifest`, and the
 Slicer module with a lesion segment selected apply it; on the segmenter's own outlines it is not applied, because
-they are smoother than a reader's and move the shape features. Measured on the held-out fold with the shipped
-segmenter's outlines instead (scripts/morphology_on_segmenter_outlines.py, 2026-11-30, shipped models): malignancy
-AUC 0.877 against 0.898 for the image model alone (446 lesions with a lesion found), risk 0.860 against 0.886 (322):
-worse, so not applied.
+they are smoother than a reader's and move the shape features. {seg_text}
 
 **Data.** Stage 1: {f['train_cases']} lesions of {f['train_patients']} patients, the training patients of
 `{image_model.name}`, with their dataset masks as outlines. Stage 2: the {f['held_out_cases']} lesions of
