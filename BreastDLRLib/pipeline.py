@@ -70,6 +70,7 @@ class Pipeline:
         self.bf16 = bf16
         self.batch_size = batch_size
         self._segmenter: Optional[SliceSegmenter] = None
+        self._risk_on_trunk: Optional[bool] = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -103,6 +104,24 @@ class Pipeline:
             self._segmenter = SliceSegmenter.from_bundle(self.bundles["segmenter"], device=str(self.device),
                                                          batch_size=self.batch_size, bf16=self.bf16)
         return self._segmenter
+
+    @property
+    def risk_shares_trunk(self) -> bool:
+        """Whether the risk model takes its trunk from the 2D malignancy model's very weights file (a pair written
+        by ``train_classifier.py --task both``) and reads the same crops: the trunk then runs once for both."""
+        if self._risk_on_trunk is None:
+            from .bundles import weight_files
+
+            bm, lh = self.bundles.get("malignancy"), self.bundles.get("risk")
+            self._risk_on_trunk = bool(
+                bm is not None and lh is not None
+                and bm.manifest["architecture"] == lh.manifest["architecture"] == "EmbeddingNet"
+                and self._model_input(bm) == self._model_input(lh)
+                and any(wf.bundle == bm.path.name and wf.sha256 == bm.manifest["weights"]["sha256"]
+                        and {"trunk.", "embedding."} <= set(wf.only)
+                        and (lh.path / wf.relpath).resolve() == (bm.path / wf.file).resolve()
+                        for wf in weight_files(lh.manifest)))
+        return self._risk_on_trunk
 
     def clinical_schema(self):
         """The clinical variables the loaded models declare (union, first declaration wins)."""
@@ -274,19 +293,26 @@ class Pipeline:
 
     def _classify(self, volume: Volume, lr: LesionResult, schema, cleaned, heat, timing) -> None:
         from .explain import gradcam_planes, heatmap_to_volume
-        from .networks.classifiers import predict_frames
+        from .networks.classifiers import predict_frames, predict_frames_shared
         from .planes import available_planes, crop_planes
 
         les = lr.lesion
         is_3d = len(available_planes(volume)) == 3
         mal_role = "abvs-malignancy" if (is_3d and "abvs-malignancy" in self.bundles) else "malignancy"
         explained = False
+        shared = mal_role == "malignancy" and self.risk_shares_trunk
+        risk_pred = None                              # the risk model's prediction, when made on the shared trunk
         for role, key in ((mal_role, "malignancy"), ("risk", "high_risk")):
             b = self.bundles.get(role)
             if b is None:
                 lr.probabilities.setdefault(key, None)
                 continue
             t = time.perf_counter()
+            if key == "high_risk" and risk_pred is not None:
+                lr.probabilities[key] = float(risk_pred.probability)
+                lr.frame_probabilities[key] = [float(x) for x in risk_pred.frame_probabilities]
+                lr.thresholds[key] = float(b.thresholds.get("probability", 0.5))
+                continue
             spec = self._model_input(b)
             arch = b.manifest["architecture"]
             planes = ("transverse", "sagittal", "coronal") if arch == "ThreePlaneFusion" else ("transverse",)
@@ -300,7 +326,13 @@ class Pipeline:
             inputs = {p: torch.from_numpy(np.stack([c.image for c in crops[p]])[:, None].repeat(3, 1)).float().to(self.device)
                       for p in crops}
             frames = inputs if arch == "ThreePlaneFusion" else inputs["transverse"]
-            pred = predict_frames(model, frames, threshold=b.thresholds.get("probability", 0.5), tta=spec["tta"])
+            if key == "malignancy" and shared:
+                lh = self.bundles["risk"]
+                pred, risk_pred = predict_frames_shared(
+                    model, [model.classifier, lh.model(str(self.device)).classifier], frames,
+                    [b.thresholds.get("probability", 0.5), lh.thresholds.get("probability", 0.5)], tta=spec["tta"])
+            else:
+                pred = predict_frames(model, frames, threshold=b.thresholds.get("probability", 0.5), tta=spec["tta"])
             lr.probabilities[key] = float(pred.probability)
             lr.frame_probabilities[key] = [float(x) for x in pred.frame_probabilities]
             lr.thresholds[key] = float(b.thresholds.get("probability", 0.5))

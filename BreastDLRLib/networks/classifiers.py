@@ -16,7 +16,7 @@ Trunks are torchvision ResNets (or VGGs, :class:`VGGTrunk`) built with ``weights
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -459,30 +459,64 @@ def predict_frames(
     classifies every frame mirrored left-right (each plane of a dict input mirrored along its width) and
     takes the mean of the two probabilities as the frame's probability.
     """
+    (pred,) = _predict_views(model, [nn.Identity()], frames, [threshold], batch_size, positive_index, tta)
+    return pred
+
+
+def predict_frames_shared(
+    model: "EmbeddingNet",
+    heads: Sequence[nn.Module],
+    frames: Any,
+    thresholds: Sequence[float],
+    batch_size: int = 16,
+    tta: Sequence[str] = (),
+) -> List[FramePrediction]:
+    """:func:`predict_frames` for several classification layers on one trunk: the embedding of every frame (and
+    its mirror) is computed once and each head in ``heads`` maps it to its own logits.  With ``model``'s own
+    ``classifier`` among the heads, its prediction equals ``predict_frames(model, ...)``.  For two models trained on
+    one trunk (the malignancy and risk models), this halves the work."""
+    if len(heads) != len(thresholds):
+        raise ValueError("one threshold per head")
+    return _predict_views(model.embed, list(heads), frames, list(thresholds), batch_size, 1, tta, eval_of=model)
+
+
+def _predict_views(features: Any, heads: Sequence[nn.Module], frames: Any, thresholds: Sequence[float],
+                   batch_size: int, positive_index: int, tta: Sequence[str], eval_of: Optional[nn.Module] = None
+                   ) -> List[FramePrediction]:
     unknown = [t for t in tta if t not in TTA]
     if unknown:
         raise ModelBundleError(f"The model asks for the test-time augmentation {unknown[0]!r}, which this BreastDLR "
                                f"does not know (known: {', '.join(TTA)}); update BreastDLR or use a matching model.")
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    for threshold in thresholds:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     frames = _as_tensor(frames)
     if _n_frames(frames) == 0:
         raise ValueError("no frame to classify")
-    was_training = model.training
-    model.eval()
+    modules = [m for m in [eval_of if eval_of is not None else features, *heads] if isinstance(m, nn.Module)]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     try:
-        probs = []
+        probs: List[List[torch.Tensor]] = [[] for _ in heads]
         with torch.no_grad():
             for batch in _batches(frames, max(1, int(batch_size))):
                 views = [batch] + [_hflip(batch) for t in tta if t == "hflip"]
                 n = _n_frames(batch)
-                p = torch.softmax(model(_cat_views(views)).float(), dim=1)[:, positive_index]   # one call for all views
-                probs.append(p.view(len(views), n).mean(0))
+                feats = features(_cat_views(views))                                 # one call for all views
+                for h, head in enumerate(heads):
+                    p = torch.softmax(head(feats).float(), dim=1)[:, positive_index]
+                    probs[h].append(p.view(len(views), n).mean(0))
     finally:
-        model.train(was_training)
-    frame_p = torch.cat(probs).cpu().numpy().astype(np.float64)
-    p = float(frame_p.mean())
-    return FramePrediction(probability=p, frame_probabilities=frame_p, threshold=float(threshold), malignant=p >= threshold)
+        for m, t in zip(modules, was_training):
+            m.train(t)
+    out = []
+    for h, threshold in enumerate(thresholds):
+        frame_p = torch.cat(probs[h]).cpu().numpy().astype(np.float64)
+        p = float(frame_p.mean())
+        out.append(FramePrediction(probability=p, frame_probabilities=frame_p, threshold=float(threshold),
+                                   malignant=p >= threshold))
+    return out
 
 
 # ---------------------------------------------------------------------------- registry

@@ -219,3 +219,47 @@ def test_an_ensemble_with_mirror_tta_through_the_pipeline(tiny_bundles, tmp_path
     assert lr.probabilities["malignancy"] == pytest.approx(want, abs=1e-5)
     assert res.heatmap is not None and np.isfinite(res.heatmap.array).all() and res.heatmap.array.max() > 0
     assert {m["name"] for m in res.models} >= {first.name}
+
+
+def test_risk_model_on_the_malignancy_trunk_runs_it_once_with_the_same_results(tiny_bundles, tmp_path):
+    """A BM/LH pair written with one trunk (bundles.share_weights): the pipeline runs the trunk once per crop for
+    both models, and every probability equals that of the two models run apart (an unshared copy of the pair)."""
+    import shutil
+
+    import torch
+
+    from BreastDLRLib.bundles import open_bundle, save_bundle, share_weights
+    from BreastDLRLib.networks.classifiers import build_classifier
+    from BreastDLRLib.training.classifier import task_model
+
+    first = open_bundle(tiny_bundles["malignancy"])
+    torch.manual_seed(5)
+    joint = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=16, num_classes=4).eval()
+    man = {k: v for k, v in first.manifest.items() if k not in ("weights", "format")}
+    man["input"] = {**first.input, "test_time_augmentation": ["hflip"]}
+    apart = tmp_path / "apart"
+    bm = save_bundle(apart / "bm", task_model(joint, 0), man, "card").path
+    lh = save_bundle(apart / "lh", task_model(joint, 1), {**man, "name": "test-risk", "role": "risk"}, "card").path
+    shutil.copytree(apart, tmp_path / "shared")
+    share_weights(tmp_path / "shared" / "bm", tmp_path / "shared" / "lh")
+    case = make_image(seed=3)
+    results = {}
+    for kind in ("apart", "shared"):
+        pipe = Pipeline.from_paths([str(tiny_bundles["segmenter"]), str(tmp_path / kind / "bm"),
+                                    str(tmp_path / kind / "lh")], device="cpu")
+        assert pipe.risk_shares_trunk == (kind == "shared")
+        calls = []
+        for role in ("malignancy", "risk"):
+            pipe.bundles[role].model().trunk.register_forward_hook(lambda *a, r=role: calls.append(r))
+        res = pipe.analyze(case.image, birads="4a", explain=False)
+        assert res.lesions
+        results[kind] = [(lr.probabilities, lr.frame_probabilities, lr.thresholds, lr.recommendation.to_dict())
+                         for lr in res.lesions]
+        assert calls.count("risk") == (0 if kind == "shared" else len(res.lesions))
+        results[kind + " malignancy calls"] = calls.count("malignancy")
+    assert results.pop("apart malignancy calls") == results.pop("shared malignancy calls")   # no extra trunk run
+    for (pa, fa, ta, ra), (ps, fs, ts, rs) in zip(results["apart"], results["shared"]):
+        assert pa.keys() == ps.keys() and ta == ts and ra == rs
+        for k in pa:
+            assert ps[k] == pytest.approx(pa[k], abs=1e-6)
+            assert fs[k] == pytest.approx(fa[k], abs=1e-6)
