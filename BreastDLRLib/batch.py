@@ -32,7 +32,8 @@ def _fmt(p: Optional[float]) -> str:
 
 def predict_manifest(manifest: str | Path, out_csv: str | Path, *, masks_out: Optional[str | Path] = None,
                      device: str = "auto", model_paths: Optional[Sequence[str]] = None, outline: str = "auto",
-                     progress: ProgressCallback = no_progress, cancel: Optional[CancelCheck] = None) -> Dict[str, Any]:
+                     progress: ProgressCallback = no_progress, cancel: Optional[CancelCheck] = None,
+                     optional_roles: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     from .io import read_mask, read_volume, write_png
     from .pipeline import OPTIONAL_ROLES, Pipeline
     from .recommend import normalise_birads
@@ -43,8 +44,10 @@ def predict_manifest(manifest: str | Path, out_csv: str | Path, *, masks_out: Op
     cases = read_manifest_csv(manifest)
     if not cases:
         raise InputError(f"The manifest {Path(manifest).name} lists no images.")
+    if optional_roles is None:   # every installed default model that 2D images can use
+        optional_roles = tuple(r for r in OPTIONAL_ROLES if r != "abvs-malignancy")
     pipe = Pipeline.from_paths(model_paths, device=device, roles=("segmenter", "malignancy"),
-                               optional_roles=tuple(r for r in OPTIONAL_ROLES if r != "abvs-malignancy"))
+                               optional_roles=tuple(optional_roles))
     schema = pipe.clinical_schema()
     if masks_out:
         Path(masks_out).mkdir(parents=True, exist_ok=True)

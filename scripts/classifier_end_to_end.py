@@ -8,7 +8,8 @@ images, so the segmenter outlines and crops every lesion as it does for a user (
 The held-out fold is cut again from the bundles' own split (BreastDLRLib.training.heldout).  Writes
 ``<work>/heldout_manifest.csv`` (the fold's rows, absolute paths), ``<work>/predictions.csv`` (what `predict`
 wrote) and ``<work>/end_to_end.json`` (per task: AUC with its DeLong CI, by dataset, and how many images had no
-lesion found).  `breastdlr evaluate <work>/predictions.csv --truth <work>/heldout_manifest.csv` gives the full report.
+lesion found).  The installed fusion and morphology models apply as they do for a user (the malignancy score is
+then the fused one where an age is known); ``--image-only`` leaves them out.  `breastdlr evaluate <work>/predictions.csv --truth <work>/heldout_manifest.csv` gives the full report.
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def main() -> None:
     ap.add_argument("--risk", default="Resources/Models/breastdlr-risk-2d")
     ap.add_argument("--segmenter", default=None, help="a segmenter bundle (default: the shipped one)")
     ap.add_argument("--work", default="runs/e2e")
+    ap.add_argument("--image-only", action="store_true",
+                    help="the image models alone: no installed fusion or morphology model is added (to compare image "
+                         "models whose fusion heads were fitted on other scores)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -59,10 +63,11 @@ def main() -> None:
             w.writerow(r)
     models = [a.malignancy, a.risk] + ([a.segmenter] if a.segmenter else [])
     preds_csv = work / "predictions.csv"
-    predict_manifest(sub, preds_csv, device="cpu", model_paths=models)
+    predict_manifest(sub, preds_csv, device="cpu", model_paths=models,
+                     optional_roles=("risk",) if a.image_only else None)
     with open(preds_csv, newline="", encoding="utf-8") as f:
         preds = {r["case_id"]: r for r in csv.DictReader(f)}
-    out = {"malignancy_model": open_bundle(a.malignancy).manifest["weights"]["sha256"],
+    out = {"image_only": a.image_only, "malignancy_model": open_bundle(a.malignancy).manifest["weights"]["sha256"],
            "risk_model": open_bundle(a.risk).manifest["weights"]["sha256"], "tasks": {}}
     for task, lab in labels.items():
         ids = [cid for cid in lab if preds.get(cid, {}).get(COLUMN[task]) not in (None, "")]

@@ -171,6 +171,14 @@ def test_predict_with_manifest_outlines(shared_data, tmp_path):
         lr = pipe.analyze(vol, explain=False, outline=vol.with_array(read_mask(row["mask"], vol))).lesions[0]
         assert float(r["probability_malignant"]) == pytest.approx(lr.probabilities["malignancy_morphology"], abs=1e-6)
         assert float(r["probability_high_risk"]) == pytest.approx(lr.probabilities["high_risk_morphology"], abs=1e-6)
+    # optional_roles=("risk",): the image models alone, no morphology head even on the readers' outlines
+    predict_manifest(man, tmp_path / "image.csv", device="cpu", outline="manifest", optional_roles=("risk",))
+    image = list(csv.DictReader(open(tmp_path / "image.csv")))
+    for r, row in zip(image[:2], pick):
+        vol = read_volume(row["image"])
+        lr = pipe.analyze(vol, explain=False, outline=vol.with_array(read_mask(row["mask"], vol))).lesions[0]
+        assert float(r["probability_malignant"]) == pytest.approx(lr.probabilities["malignancy"], abs=1e-6)
+        assert float(r["probability_high_risk"]) == pytest.approx(lr.probabilities["high_risk"], abs=1e-6)
 
 
 def test_a_stray_speck_in_the_outline_is_scored_by_the_image_models_alone(pipe):
