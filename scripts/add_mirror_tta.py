@@ -59,7 +59,9 @@ def main() -> None:
     m = b.manifest["metrics"]
     before = roc_auc(yv, plain).auc
     declared = m.get("auc_without_tta", m["auc"])
-    if abs(before - declared) > 1e-4:
+    # the manifest's figure was measured on the fp32 network before its weights were stored in fp16, which moves an
+    # AUC by about 1e-4; other patients or crops move it by far more
+    if abs(before - declared) > 1e-3:
         sys.exit(f"add_mirror_tta: the held-out AUC without the mirror is {before:.4f} here but "
                  f"{declared:.4f} in the manifest: not the same patients or crops; nothing written")
     auc = roc_auc(yv, tta)

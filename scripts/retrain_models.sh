@@ -16,14 +16,10 @@ export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
   $py scripts/make_mixed_manifest.py --manifest "$manifest" --out "$work/mix"
   $py scripts/train_segmenter.py --manifest "$work/mix/manifest.csv" --init "$work/segmenter-real" --epochs 7 --lr 0.0005 \
       --out Resources/Models/breastdlr-segmenter-2d --work "$work/segmix" --threads 1 ) &
-# BM and LH: one ResNet50 trunk, two heads (its bundles declare the mirror test-time augmentation); 22 epochs on
-# the exact lesion crops, then a fine-tune on the same split with crops around perturbed lesion boxes (box views)
+# BM and LH: one ResNet50 trunk, two heads (its bundles declare the mirror test-time augmentation); LH's bundle
+# keeps only its last layer and takes the trunk from BM's weights file
 $py scripts/train_classifier.py --manifest "$manifest" --task both --seed 0 --epochs 22 --patience 30 \
-    --out "$work/classifiers-base" --work "$work/classifiers" --threads 1
-$py scripts/train_classifier.py --manifest "$manifest" --task both --seed 0 --epochs 10 --lr 0.0003 --patience 30 \
-    --box-views 4 --box-jitter 0.2 \
-    --init "$work/classifiers-base/breastdlr-malignancy-2d,$work/classifiers-base/breastdlr-risk-2d" \
-    --out Resources/Models --work "$work/classifiers-ft" --threads 1
+    --out Resources/Models --work "$work/classifiers" --threads 1
 wait
 for task in malignancy risk; do   # held-out probabilities with the mirror, for the fusion head and the 4A table
   $py scripts/add_mirror_tta.py --manifest "$manifest" --task "$task" --bundle "Resources/Models/breastdlr-$task-2d" \
