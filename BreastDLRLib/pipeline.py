@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .bundles import Bundle, default_bundle, open_bundle
+from .bundles import Bundle, default_bundle, list_bundles, open_bundle
 from .errors import ClinicalInputError, InputError, ModelBundleError
 from .lesions import Lesion, find_lesions
 from .progress import CancelCheck, ProgressCallback, check_cancel, no_progress
@@ -87,12 +87,12 @@ class Pipeline:
         for role in roles:
             if role not in bundles:
                 bundles[role] = default_bundle(role)
+        installed = {b["role"] for b in list_bundles()}
         for role in optional_roles:
-            if role not in bundles:
-                try:
-                    bundles[role] = default_bundle(role)
-                except ModelBundleError:
-                    pass
+            # an optional model that is not installed is left out; one that is installed but fails its checks (a
+            # damaged file, a missing sibling) is an error, never silently dropped
+            if role not in bundles and role in installed:
+                bundles[role] = default_bundle(role)
         return cls(bundles, device=device, **kw)
 
     def models(self) -> List[Dict[str, Any]]:

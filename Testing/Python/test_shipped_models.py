@@ -6,6 +6,7 @@ held-out patients): the real sample image belongs to the public data the models 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +257,27 @@ def test_the_unedited_outline_note_stays_when_no_model_used_the_clinical_values(
     truth = vol.with_array(read_mask(SAMPLES / "synthetic_abvs_label.nrrd", vol))
     notes = pipe.analyze(vol, explain=False, outline=truth, outline_source="segmenter").clinical_notes
     assert any("unedited" in n for n in notes) and not any("age missing" in n for n in notes)
+
+
+def test_an_installed_optional_model_that_fails_its_checks_is_an_error_not_left_out(tmp_path, monkeypatch):
+    """The shipped models copied elsewhere: with BM's weights file altered, the risk model that takes its trunk from
+    it is refused with a message naming BM, instead of the pipeline quietly running without a risk model; an
+    optional model that is not installed at all is simply left out."""
+    import shutil
+
+    from BreastDLRLib.errors import ModelBundleError
+
+    src = Path(__file__).resolve().parents[2] / "Resources" / "Models"
+    models = tmp_path / "Resources" / "Models"
+    models.mkdir(parents=True)
+    for name in ("breastdlr-segmenter-2d", "breastdlr-malignancy-2d", "breastdlr-risk-2d", "models.json"):
+        (shutil.copytree if (src / name).is_dir() else shutil.copy2)(src / name, models / name)
+    monkeypatch.setenv("BREASTDLR_RESOURCES", str(tmp_path / "Resources"))
+    pipe = Pipeline.from_paths(None, device="cpu", roles=("segmenter",), optional_roles=("risk", "fusion"))
+    assert set(pipe.bundles) == {"segmenter", "risk"}                  # fusion is not installed here: left out
+    assert pipe.risk_shares_trunk is False                             # no malignancy model was asked for
+    data = bytearray((models / "breastdlr-malignancy-2d" / "weights.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (models / "breastdlr-malignancy-2d" / "weights.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelBundleError, match="breastdlr-malignancy-2d"):
+        Pipeline.from_paths(None, device="cpu", roles=("segmenter",), optional_roles=("risk",))
