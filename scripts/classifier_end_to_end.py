@@ -41,7 +41,13 @@ def main() -> None:
     ap.add_argument("--image-only", action="store_true",
                     help="the image models alone: no installed fusion or morphology model is added (to compare image "
                          "models whose fusion heads were fitted on other scores)")
+    ap.add_argument("--segmenter-outlines-as-reader", action="store_true",
+                    help="also hand the segmenter's own masks to `predict --outline manifest`, as if a reader had drawn "
+                         "them, so that the morphology models score them (what applying them to automatic outlines "
+                         "would give); written as predictions_segmenter_outlines.csv and 'segmenter_outlines_as_reader'")
     a = ap.parse_args()
+    if a.segmenter_outlines_as_reader and a.image_only:
+        ap.error("--segmenter-outlines-as-reader needs the morphology models: leave out --image-only")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     labels = {}
@@ -63,26 +69,46 @@ def main() -> None:
             w.writerow(r)
     models = [a.malignancy, a.risk] + ([a.segmenter] if a.segmenter else [])
     preds_csv = work / "predictions.csv"
-    predict_manifest(sub, preds_csv, device="cpu", model_paths=models,
+    masks = work / "segmenter_masks" if a.segmenter_outlines_as_reader else None
+    predict_manifest(sub, preds_csv, device="cpu", model_paths=models, masks_out=masks,
                      optional_roles=("risk",) if a.image_only else None)
+    out = {"image_only": a.image_only, "malignancy_model": open_bundle(a.malignancy).manifest["weights"]["sha256"],
+           "risk_model": open_bundle(a.risk).manifest["weights"]["sha256"],
+           "tasks": aucs(labels, preds_csv)}
+    if masks is not None:
+        as_reader = work / "heldout_manifest_segmenter_outlines.csv"
+        with open(sub, newline="", encoding="utf-8") as f, open(as_reader, "w", newline="", encoding="utf-8") as g:
+            reader = csv.DictReader(f)
+            w = csv.DictWriter(g, fieldnames=reader.fieldnames)
+            w.writeheader()
+            for r in reader:
+                w.writerow({**r, "mask": str((masks / f"{r['case_id']}_mask.png").resolve())})
+        seg_csv = work / "predictions_segmenter_outlines.csv"
+        predict_manifest(as_reader, seg_csv, device="cpu", model_paths=models, outline="manifest")
+        print("segmenter outlines scored as a reader's:", flush=True)
+        out["segmenter_outlines_as_reader"] = aucs(labels, seg_csv)
+    (work / "end_to_end.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+def aucs(labels, preds_csv: Path) -> dict:
+    """Per task: AUC with its DeLong CI, by dataset, images without a lesion found, rows without a score."""
     with open(preds_csv, newline="", encoding="utf-8") as f:
         preds = {r["case_id"]: r for r in csv.DictReader(f)}
-    out = {"image_only": a.image_only, "malignancy_model": open_bundle(a.malignancy).manifest["weights"]["sha256"],
-           "risk_model": open_bundle(a.risk).manifest["weights"]["sha256"], "tasks": {}}
+    res = {}
     for task, lab in labels.items():
         ids = [cid for cid in lab if preds.get(cid, {}).get(COLUMN[task]) not in (None, "")]
         y = np.array([lab[cid][0] for cid in ids])
         p = np.array([float(preds[cid][COLUMN[task]]) for cid in ids])
         auc = roc_auc(y, p)
         ds = np.array([lab[cid][1].dataset for cid in ids])
-        out["tasks"][task] = {
+        res[task] = {
             "n": len(ids), "n_positive": int(y.sum()), "auc": auc.auc, "ci95": [auc.ci_low, auc.ci_high],
             "auc_by_dataset": {d: roc_auc(y[ds == d], p[ds == d]).auc for d in sorted(set(ds))
                                if len(set(y[ds == d])) == 2},
             "no_lesion_found": int(sum(preds[cid]["lesion_found"] == "false" for cid in ids)),
             "missing": len(lab) - len(ids)}
-        print(task, json.dumps(out["tasks"][task]), flush=True)
-    (work / "end_to_end.json").write_text(json.dumps(out, indent=1) + "\n")
+        print(task, json.dumps(res[task]), flush=True)
+    return res
 
 
 if __name__ == "__main__":
