@@ -24,13 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from BreastDLRLib.bundles import open_bundle  # noqa: E402
 from BreastDLRLib.io import read_mask, read_volume  # noqa: E402
 from BreastDLRLib.pipeline import Pipeline  # noqa: E402
-from BreastDLRLib.training.data import patient_folds, read_manifest_csv  # noqa: E402
-
-
-def held_out_cases(manifest: str, config: dict):
-    cases = [c for c in read_manifest_csv(manifest) if c.label in ("benign", "malignant", "normal")]
-    folds = patient_folds(cases, config.get("folds", 5), config.get("seed", 0))
-    return [c for c, f in zip(cases, folds) if f == config.get("val_fold", 0)]
+from BreastDLRLib.training.data import read_manifest_csv  # noqa: E402
+from BreastDLRLib.training.segmenter import split_images  # noqa: E402
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -46,7 +41,9 @@ def main() -> None:
     ap.add_argument("--max-cases", type=int, default=None)
     a = ap.parse_args()
     bundle = open_bundle(a.bundle)
-    cases = held_out_cases(a.manifest, bundle.manifest["provenance"]["config"])[: a.max_cases]
+    cfg = bundle.manifest["provenance"]["config"]
+    _, cases = split_images(read_manifest_csv(a.manifest), cfg.get("folds", 5), cfg.get("seed", 0), cfg.get("val_fold", 0))
+    cases = cases[: a.max_cases]
     pipe = Pipeline({"segmenter": bundle}, device="cpu")
     seg = pipe.segmenter
     results = {}

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,6 +42,13 @@ class SegmenterConfig:
     threads: int = 0
     max_minutes: Optional[float] = None
     init: Optional[str] = None    # a segmenter bundle to fine-tune from (else random initialisation)
+
+
+def split_images(cases: List[Case], folds: int, seed: int, val_fold: int) -> Tuple[List[Case], List[Case]]:
+    """The segmenter's (training, validation) images: every benign, malignant or normal image, patient-level folds."""
+    cases = [c for c in cases if c.label in ("benign", "malignant", "normal")]
+    fold = patient_folds(cases, folds, seed)
+    return ([c for c, f in zip(cases, fold) if f != val_fold], [c for c, f in zip(cases, fold) if f == val_fold])
 
 
 def load_arrays(cases: List[Case], size: int) -> tuple:
@@ -93,10 +100,7 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cases = [c for c in read_manifest_csv(manifest) if c.label in ("benign", "malignant", "normal")]
-    folds = patient_folds(cases, cfg.folds, cfg.seed)
-    tr = [c for c, f in zip(cases, folds) if f != cfg.val_fold]
-    va = [c for c, f in zip(cases, folds) if f == cfg.val_fold]
+    tr, va = split_images(read_manifest_csv(manifest), cfg.folds, cfg.seed, cfg.val_fold)
     assert not ({c.patient_id for c in tr} & {c.patient_id for c in va}), "patient on both sides of the split"
     if cfg.max_train_cases:
         tr = tr[: cfg.max_train_cases]
