@@ -362,21 +362,29 @@ def save_ensemble_bundle(folder: os.PathLike, members: Sequence[os.PathLike], ma
                          model_card: str) -> Bundle:
     """Write an :class:`~BreastDLRLib.networks.classifiers.EnsembleNet` bundle from member bundles.
 
-    Every member is a verified single-network bundle of one architecture and arguments.  Their weights files
-    are copied byte for byte: the first member's becomes ``weights.safetensors`` (prefix ``members.0.``), the
-    others ``member-K.safetensors`` listed in ``weights.parts``, so re-releasing a model as the first member of
-    an ensemble leaves its file unchanged.  ``manifest`` gives everything but the architecture, arguments and
-    weights, which are filled in here.  Atomic like :func:`save_bundle`; returns the verified bundle.
+    Every member is a verified single-network bundle of one architecture, arguments and role.  Their weights
+    files are copied byte for byte: the first member's becomes ``weights.safetensors`` (prefix ``members.0.``),
+    the others ``member-K.safetensors`` listed in ``weights.parts``, so re-releasing a model as the first member
+    of an ensemble leaves its file unchanged.  A member that takes its trunk from a sibling (a risk model written
+    by ``--task both``) is written whole; :func:`share_weights` then stores the trunks once again.  ``manifest``
+    gives everything but the architecture, arguments and weights, which are filled in here.  Atomic like
+    :func:`save_bundle`; returns the verified bundle.
     """
     import shutil
+
+    from safetensors.torch import save_file
 
     opened = [open_bundle(m) for m in members]
     if not opened:
         raise ModelBundleError("An ensemble needs at least one member bundle.")
     first = opened[0].manifest
     for b in opened:
-        if b.manifest["architecture"] == "EnsembleNet" or weight_files(b.manifest)[1:] or b.is_head:  # incl. shared trunks
+        own_parts = [wf for wf in weight_files(b.manifest)[1:] if not wf.bundle]
+        if b.manifest["architecture"] == "EnsembleNet" or own_parts or b.is_head:
             raise ModelBundleError(f"Model '{b.name}' is not a single network and cannot be an ensemble member.")
+        if b.role != opened[0].role:
+            raise ModelBundleError(f"Model '{b.name}' is a '{b.role}' model and '{opened[0].name}' a "
+                                   f"'{opened[0].role}' model; the members of an ensemble must have one role.")
         if (b.manifest["architecture"], b.manifest["arguments"]) != (first["architecture"], first["arguments"]):
             raise ModelBundleError(f"Model '{b.name}' has another architecture or other arguments than "
                                    f"'{opened[0].name}'; the members of an ensemble must match.")
@@ -390,7 +398,10 @@ def save_ensemble_bundle(folder: os.PathLike, members: Sequence[os.PathLike], ma
     files = []
     for k, b in enumerate(opened):
         name = WEIGHTS if k == 0 else f"member-{k}.safetensors"
-        shutil.copyfile(b.path / weight_files(b.manifest)[0].file, tmp / name)
+        if weight_files(b.manifest)[1:]:            # the trunk lies in a sibling's file: written whole here
+            save_file({n: t.contiguous() for n, t in load_weights(b).items()}, str(tmp / name))
+        else:
+            shutil.copyfile(b.path / weight_files(b.manifest)[0].file, tmp / name)
         files.append({"file": name, "sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size,
                       "prefix": f"members.{k}."})
     m = dict(manifest)
@@ -409,11 +420,14 @@ def save_ensemble_bundle(folder: os.PathLike, members: Sequence[os.PathLike], ma
 def share_weights(main: os.PathLike, other: os.PathLike) -> Bundle:
     """Store the trunk of two networks trained together once: rewrite the bundle ``other`` so that it keeps only
     the tensors it does not share with its sibling ``main`` (the same parent folder) and takes the others from
-    ``main``'s weights file, pinned by its sha256 (``weights.parts`` with ``bundle`` and ``only``).
+    ``main``'s weights files, each pinned by its sha256 (``weights.parts`` with ``bundle``, ``only`` and, for an
+    ensemble's members, ``prefix``).
 
-    Shared are whole top-level modules (``trunk.``, ``embedding.``, ...) whose every tensor is identical in both;
-    two bundles that share none, or of other architectures or arguments, are refused.  The network ``other``
-    builds is unchanged, tensor for tensor.  Atomic like :func:`save_bundle`; returns the verified bundle."""
+    Shared are whole top-level modules of a stored file (``trunk.``, ``embedding.``, ...) whose every tensor is
+    identical in both; two bundles that share none, or of other architectures or arguments, are refused.  Two
+    ensembles whose members were trained in pairs (the malignancy and risk models of ``--task both``, several
+    seeds) share every member's trunk.  The network ``other`` builds is unchanged, tensor for tensor.  Atomic like
+    :func:`save_bundle`; returns the verified bundle."""
     from safetensors.torch import load_file, save_file
 
     a, b = open_bundle(main), open_bundle(other)
@@ -421,31 +435,37 @@ def share_weights(main: os.PathLike, other: os.PathLike) -> Bundle:
         raise ModelBundleError(f"Model '{b.name}' can only share the weights of a model in its own folder.")
     if (a.manifest["architecture"], a.manifest["arguments"]) != (b.manifest["architecture"], b.manifest["arguments"]):
         raise ModelBundleError(f"Models '{a.name}' and '{b.name}' are not the same network; they share no trunk.")
-    if weight_files(a.manifest)[1:] or weight_files(b.manifest)[1:] or a.is_head or b.is_head:
-        raise ModelBundleError("Only two single-file networks can share their trunk.")
-    ta, tb = load_file(str(a.path / weight_files(a.manifest)[0].file)), load_file(str(b.path / weight_files(b.manifest)[0].file))
-    if set(ta) != set(tb):
+    files_a, files_b = weight_files(a.manifest), weight_files(b.manifest)
+    if any(wf.bundle for wf in files_a + files_b) or a.is_head or b.is_head:
+        raise ModelBundleError("Only two networks stored in their own files can share their trunk.")
+    tb = load_weights(b)
+    if set(load_weights(a)) != set(tb):
         raise ModelBundleError(f"Models '{a.name}' and '{b.name}' do not hold the same tensors; they share no trunk.")
-    modules = sorted({k.split(".")[0] + "." for k in tb})
-    shared = [m for m in modules if all(ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape
-                                        and bool((ta[k] == tb[k]).all()) for k in tb if k.startswith(m))]
-    if not shared:
+    parts, covered = [], set()
+    for wf in files_a:
+        ta = load_file(str(a.path / wf.file))
+        same = lambda k: (wf.prefix + k in tb and ta[k].dtype == tb[wf.prefix + k].dtype  # noqa: E731
+                          and ta[k].shape == tb[wf.prefix + k].shape and bool((ta[k] == tb[wf.prefix + k]).all()))
+        modules = sorted({k.split(".")[0] + "." for k in ta})
+        shared = [m for m in modules if all(same(k) for k in ta if k.startswith(m))]
+        if shared:
+            part = {"bundle": a.path.name, "file": wf.file, "sha256": wf.sha256, "only": shared}
+            parts.append({**part, "prefix": wf.prefix} if wf.prefix else part)
+            covered |= {wf.prefix + k for k in ta if k.startswith(tuple(shared))}
+    if not parts:
         raise ModelBundleError(f"Models '{a.name}' and '{b.name}' have no module in common; they share no trunk.")
-    own = {k: v for k, v in tb.items() if not k.startswith(tuple(shared))}
+    own = {k: v.contiguous() for k, v in tb.items() if k not in covered}
     if not own:
         raise ModelBundleError(f"Model '{b.name}' is the same network as '{a.name}'; nothing is left of its own.")
     tmp = Path(tempfile.mkdtemp(prefix=f".{b.path.name}-", dir=b.path.parent))
     save_file(own, str(tmp / WEIGHTS))
-    wa = a.manifest["weights"]
     m = dict(b.manifest)
     m["weights"] = {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS), "dtype": b.manifest["weights"].get("dtype"),
-                    "bytes": (tmp / WEIGHTS).stat().st_size,
-                    "parts": [{"bundle": a.path.name, "file": wa.get("file", WEIGHTS), "sha256": wa["sha256"],
-                               "only": shared}]}
+                    "bytes": (tmp / WEIGHTS).stat().st_size, "parts": parts}
     m["uses_weights_of"] = a.name
     (tmp / MANIFEST).write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
     for f in b.path.iterdir():
-        if f.is_file() and f.name not in (MANIFEST, WEIGHTS):
+        if f.is_file() and f.name != MANIFEST and f.name not in {wf.file for wf in files_b}:
             (tmp / f.name).write_bytes(f.read_bytes())
     _publish(tmp, b.path)
     return open_bundle(b.path)

@@ -107,19 +107,24 @@ class Pipeline:
 
     @property
     def risk_shares_trunk(self) -> bool:
-        """Whether the risk model takes its trunk from the 2D malignancy model's very weights file (a pair written
-        by ``train_classifier.py --task both``) and reads the same crops: the trunk then runs once for both."""
+        """Whether the risk model takes its trunk from the 2D malignancy model's very weights files (a pair written
+        by ``train_classifier.py --task both``, or two ensembles of such pairs) and reads the same crops: the
+        trunks then run once for both."""
         if self._risk_on_trunk is None:
             from .bundles import weight_files
 
             bm, lh = self.bundles.get("malignancy"), self.bundles.get("risk")
-            self._risk_on_trunk = bool(
-                bm is not None and lh is not None
-                and bm.manifest["architecture"] == lh.manifest["architecture"] == "EmbeddingNet"
-                and self._model_input(bm) == self._model_input(lh)
-                # the same sha256 is the same trunk, wherever the file lies
-                and any(wf.bundle and wf.sha256 == bm.manifest["weights"]["sha256"]
-                        and {"trunk.", "embedding."} <= set(wf.only) for wf in weight_files(lh.manifest)))
+            self._risk_on_trunk = False
+            if bm is not None and lh is not None and self._model_input(bm) == self._model_input(lh):
+                arch, args = bm.manifest["architecture"], bm.manifest["arguments"]
+                networks = arch == "EmbeddingNet" or (arch == "EnsembleNet"
+                                                      and args.get("member_architecture") == "EmbeddingNet")
+                taken = [wf for wf in weight_files(lh.manifest) if wf.bundle]
+                # the same sha256 is the same trunk, wherever the file lies; the prefix pairs the members
+                self._risk_on_trunk = bool(
+                    networks and (lh.manifest["architecture"], lh.manifest["arguments"]) == (arch, args)
+                    and all(any(t.sha256 == wf.sha256 and t.prefix == wf.prefix and {"trunk.", "embedding."} <= set(t.only)
+                                for t in taken) for wf in weight_files(bm.manifest)))
         return self._risk_on_trunk
 
     def clinical_schema(self):

@@ -4,6 +4,9 @@
         --task malignancy --members Resources/Models/breastdlr-malignancy-2d runs/member2/breastdlr-malignancy-2d \
         --out Resources/Models/breastdlr-malignancy-2d --work runs/ensemble
 
+    .venv/bin/python scripts/make_ensemble.py --manifest ../shared/data/breast-us/manifest.csv \
+        --task both --members runs/pair1/models runs/pair2/models --out Resources/Models --work runs/ensemble
+
 Every member must be a single-network bundle written by ``scripts/train_classifier.py`` (or ``breastdlr train``)
 with the same architecture, input, patient split (folds, validation fold, split seed) and task.  The held-out
 fold of that split is cut again with the product's own crop function, each member and the ensemble (mean of
@@ -12,6 +15,12 @@ it, and DeLong's test compares the ensemble with the first member.  The bundle i
 :func:`BreastDLRLib.bundles.save_ensemble_bundle` (the first member's weights file is kept byte for byte);
 ``<work>/val_<task>.npz`` gets the ensemble's held-out probabilities for ``train_fusion.py`` and
 ``restratification.py``.
+
+``--task both`` takes models folders written by ``train_classifier.py --task both`` (each holding a malignancy
+and a risk bundle on one trunk), writes the malignancy ensemble and the risk ensemble into the models folder
+``--out``, and stores each member's trunk once (:func:`BreastDLRLib.bundles.share_weights`): the risk ensemble
+keeps its members' last layers and takes their trunks from the malignancy ensemble's files.  Do not give the
+folder being written as a member: copy the released pair elsewhere first.
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from BreastDLRLib import __version__  # noqa: E402
-from BreastDLRLib.bundles import open_bundle, save_ensemble_bundle  # noqa: E402
+from BreastDLRLib.bundles import MANIFEST, open_bundle, read_manifest, save_ensemble_bundle, share_weights  # noqa: E402
 from BreastDLRLib.evaluation import delong_test, roc_auc  # noqa: E402
 from BreastDLRLib.errors import InputError  # noqa: E402
 from BreastDLRLib.training.heldout import held_out_crops, probabilities  # noqa: E402
@@ -35,9 +44,11 @@ from BreastDLRLib.training.heldout import held_out_crops, probabilities  # noqa:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", required=True)
-    ap.add_argument("--task", required=True, choices=("malignancy", "risk"))
-    ap.add_argument("--members", nargs="+", required=True, help="member bundle folders (the first one's file is kept)")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--task", required=True, choices=("malignancy", "risk", "both"))
+    ap.add_argument("--members", nargs="+", required=True,
+                    help="member bundle folders (the first one's file is kept); with --task both, models folders "
+                         "each holding a malignancy and a risk bundle")
+    ap.add_argument("--out", required=True, help="the ensemble's bundle folder; with --task both, a models folder")
     ap.add_argument("--work", default="runs/ensemble")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
@@ -45,10 +56,34 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    members = [open_bundle(m) for m in a.members]
-    work = Path(a.work)
+    if a.task != "both":
+        build(a.manifest, a.task, [Path(m) for m in a.members], Path(a.out), Path(a.work))
+        return
+    out = Path(a.out)
+    if any(Path(m).resolve() == out.resolve() for m in a.members):
+        sys.exit("make_ensemble: --out is one of the members' folders; copy the released pair elsewhere first.")
+    written = {}
+    for task in ("malignancy", "risk"):
+        paths = [one_of_role(Path(m), task) for m in a.members]
+        written[task] = build(a.manifest, task, paths, out / paths[0].name, Path(a.work))
+    shared = share_weights(written["malignancy"].path, written["risk"].path)
+    print(f"[ensemble] {shared.name} takes its members' trunks from {written['malignancy'].name} "
+          f"({shared.manifest['weights']['bytes']} bytes of its own)")
+
+
+def one_of_role(folder: Path, role: str) -> Path:
+    """The bundle of ``role`` in a models folder written by ``train_classifier.py --task both``."""
+    found = [sub for sub in sorted(folder.iterdir()) if (sub / MANIFEST).is_file() and read_manifest(sub)["role"] == role]
+    if len(found) != 1:
+        sys.exit(f"make_ensemble: {folder} holds {len(found)} {role} models; one was expected.")
+    return Path(found[0])
+
+
+def build(manifest_csv: str, task: str, member_paths, out_path: Path, work: Path):
+    """The ensemble of ``member_paths`` for ``task``, measured on their held-out fold and written to ``out_path``."""
+    members = [open_bundle(m) for m in member_paths]
     try:
-        xv, yv, val_cases = held_out_crops([b.manifest for b in members], a.manifest, a.task, cache_dir=work)
+        xv, yv, val_cases = held_out_crops([b.manifest for b in members], manifest_csv, task, cache_dir=work)
     except InputError as exc:
         sys.exit(f"make_ensemble: {exc}")
     per_member, plain = [], []
@@ -69,27 +104,30 @@ def main() -> None:
                            if len(set(yv[ds == d])) == 2},
         "members": [{"name": b.name, "weights_sha256": b.manifest["weights"]["sha256"],
                      "seed": b.manifest["provenance"]["config"]["seed"],
+                     "box_views": b.manifest["provenance"]["config"].get("box_views", 0),
                      "auc": roc_auc(yv, p).auc, "auc_tta_hflip": roc_auc(yv, q).auc,
                      "best_epoch": b.manifest["metrics"].get("best_epoch"),
                      "epochs_run": b.manifest["metrics"].get("epochs_run")}
                     for b, p, q in zip(members, plain, per_member)],
-        "delong_ensemble_vs_first_member": delong_test(yv, p_ens, plain[0]).p_value,
+        "delong_ensemble_vs_first_member": delong_test(yv, p_ens, per_member[0]).p_value,   # both with the mirror
     })
     first = members[0].manifest
-    manifest = {k: v for k, v in first.items() if k not in ("architecture", "arguments", "weights", "format")}
+    manifest = {k: v for k, v in first.items()
+                if k not in ("architecture", "arguments", "weights", "format", "uses_weights_of")}
     manifest["version"] = __version__
     manifest["input"] = {**first["input"], "test_time_augmentation": ["hflip"]}
     manifest["metrics"] = metrics
     manifest["provenance"] = {**first["provenance"], "ensembled": dt.date.today().isoformat(),
-                              "ensemble_command": "python scripts/make_ensemble.py --task " + a.task + " --members "
-                              + " ".join(Path(m).name for m in a.members),
+                              "ensemble_command": "python scripts/make_ensemble.py --task " + task + " --members "
+                              + " ".join(Path(m).name for m in member_paths),
                               "member_configs": [b.manifest["provenance"]["config"] for b in members]}
-    card = ensemble_card(members, manifest, a.task, len(yv))
-    out = save_ensemble_bundle(a.out, [b.path for b in members], manifest, card)
-    np.savez(work / f"val_{a.task}.npz", probs=p_ens, labels=yv, case_id=np.array([c.case_id for c in val_cases]))
+    card = ensemble_card(members, manifest, task, len(yv))
+    out = save_ensemble_bundle(out_path, [b.path for b in members], manifest, card)
+    np.savez(work / f"val_{task}.npz", probs=p_ens, labels=yv, case_id=np.array([c.case_id for c in val_cases]))
     print(json.dumps({"bundle": str(out.path), **{k: metrics[k] for k in
                       ("auc", "auc_ci95", "auc_without_tta", "auc_by_dataset", "members",
                        "delong_ensemble_vs_first_member")}}, indent=1))
+    return out
 
 
 def ensemble_card(members, manifest: dict, task: str, n_val: int) -> str:
@@ -97,7 +135,8 @@ def ensemble_card(members, manifest: dict, task: str, n_val: int) -> str:
     m = manifest["metrics"]
     first_card = (members[0].path / members[0].manifest.get("model_card", "MODEL_CARD.md")).read_text(encoding="utf-8")
     body = first_card.split("\n", 1)[1] if first_card.startswith("# ") else first_card
-    rows = "\n".join(f"| {k + 1} | seed {mm['seed']} | {mm['auc']:.3f} | {mm['auc_tta_hflip']:.3f} | "
+    rows = "\n".join(f"| {k + 1} | seed {mm['seed']}" + (f", {mm['box_views']} box views" if mm.get("box_views") else "")
+                     + f" | {mm['auc']:.3f} | {mm['auc_tta_hflip']:.3f} | "
                      f"{mm['best_epoch']} of {mm['epochs_run']} |" for k, mm in enumerate(m["members"]))
     by_ds = ", ".join(f"{d} {v:.3f}" for d, v in m["auc_by_dataset"].items())
     goal = "met" if m["auc"] >= 0.9 else "NOT met"
@@ -105,18 +144,18 @@ def ensemble_card(members, manifest: dict, task: str, n_val: int) -> str:
 
 **Intended use.** {manifest['intended_use']}
 
-**What it is.** An ensemble (`EnsembleNet`) of {len(members)} networks of the same design, trained separately with
-different seeds on the same patient split; its probability is the mean of the members' probabilities, each averaged
+**What it is.** An ensemble (`EnsembleNet`) of {len(members)} networks of the same design, trained separately (other
+seeds or other augmentation, see the table) on the same patient split; its probability is the mean of the members' probabilities, each averaged
 over the crop and its left-right mirror (test-time augmentation, declared in the manifest and applied by `analyze` and
 `predict`). Grad-CAM averages the members' maps. The member design is described below.
 
 **Metrics (held-out patients of the data at hand: {n_val} crops of the validation fold none of the members saw).**
 AUC {m['auc']:.3f} (95 % CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f}, DeLong); without the mirror
-{m['auc_without_tta']:.3f}; by dataset {by_ds}. DeLong's test against the first member alone: p = {m['delong_ensemble_vs_first_member']:.3f}.
+{m['auc_without_tta']:.3f}; by dataset {by_ds}. DeLong's test against the first member alone (both with the mirror): p = {m['delong_ensemble_vs_first_member']:.3f}.
 The project's quality goal (AUC >= 0.90 on unseen patients) is {goal} on this fold; the fold is one of five, and the
 held-back patients of the datasets have not been measured here.
 
-| member | initialisation | AUC | AUC with mirror | best epoch |
+| member | training | AUC | AUC with mirror | best epoch |
 |---|---|---|---|---|
 {rows}
 

@@ -366,6 +366,13 @@ class EnsembleNet(nn.Module):
         """The members' embeddings side by side (B, n_members x embedding width)."""
         return torch.cat([m.embed(x, *args, **kwargs) for m in self.members], dim=1)
 
+    @property
+    def classifier(self) -> "EnsembleHead":
+        """The members' classification layers as one head on :meth:`embed`'s output (members of
+        :class:`EmbeddingNet`): ``softmax(classifier(embed(x)))`` is the ensemble's probability, as for one
+        network, so a sibling ensemble trained on the same trunks can be run on this one's embedding."""
+        return EnsembleHead([m.classifier for m in self.members], [m.embedding_dim for m in self.members])
+
     def feature_layers(self) -> Dict[str, list]:
         """key → [each member's target layer for that key]."""
         out: Dict[str, list] = {}
@@ -378,6 +385,26 @@ class EnsembleNet(nn.Module):
         return {"architecture": "EnsembleNet",
                 "arguments": {"member_architecture": self.member_architecture,
                               "member_arguments": dict(self.member_arguments), "n_members": len(self.members)}}
+
+
+class EnsembleHead(nn.Module):
+    """Classification layers of an ensemble's members applied to their embeddings side by side (the output of
+    :meth:`EnsembleNet.embed`): the log of the mean of their softmax probabilities, like :meth:`EnsembleNet.forward`.
+    It holds the members' own layers, not copies."""
+
+    def __init__(self, heads: Sequence[nn.Module], widths: Sequence[int]) -> None:
+        super().__init__()
+        if len(heads) != len(widths) or not heads:
+            raise ValueError("one embedding width per head, and at least one head")
+        self.heads = nn.ModuleList(heads)
+        self.widths = [int(w) for w in widths]
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        if feats.shape[1] != sum(self.widths):
+            raise ValueError(f"expected embeddings {sum(self.widths)} wide, got {feats.shape[1]}")
+        chunks = torch.split(feats, self.widths, dim=1)
+        p = torch.stack([torch.softmax(h(c).float(), dim=1) for h, c in zip(self.heads, chunks)]).mean(0)
+        return torch.log(p.clamp_min(1e-12))
 
 
 # ---------------------------------------------------------------------------- inference helpers

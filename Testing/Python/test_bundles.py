@@ -312,5 +312,60 @@ def test_a_model_with_a_shared_trunk_is_imported_with_its_sibling_and_is_no_ense
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(open_bundle(copied).model()(x), open_bundle(lh).model()(x))
-    with pytest.raises(ModelBundleError, match="not a single network"):
+    with pytest.raises(ModelBundleError, match="must have one role"):
         save_ensemble_bundle(tmp_path / "ens", [bm, lh], {**COMMON, "name": "e", "role": "risk"}, "card")
+
+
+def _ensemble_pair(folder, tmp_path):
+    """Malignancy and risk ensembles of two pairs written by --task both (other seeds), trunks stored once."""
+    from BreastDLRLib.bundles import save_ensemble_bundle, share_weights
+
+    pairs = [_pair(tmp_path / f"pair{s}", seed=s) for s in (0, 1)]
+    for _, lh in pairs:
+        share_weights(lh.parent / "bm", lh)                           # as --task both releases them
+    bm = save_ensemble_bundle(folder / "bm", [p[0] for p in pairs], {**COMMON, "name": "bm", "role": "malignancy"}, "c")
+    lh = save_ensemble_bundle(folder / "lh", [p[1] for p in pairs], {**COMMON, "name": "lh", "role": "risk"}, "c lh")
+    return bm.path, lh.path, pairs
+
+
+def test_two_ensembles_of_pairs_store_each_trunk_once_and_build_the_same_networks(tmp_path):
+    from BreastDLRLib.bundles import share_weights, weight_files
+
+    bm, lh, pairs = _ensemble_pair(tmp_path / "models", tmp_path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        whole = open_bundle(lh).model()(x)                            # the risk ensemble written whole
+        want = (torch.softmax(open_bundle(pairs[0][1]).model()(x), 1) + torch.softmax(open_bundle(pairs[1][1]).model()(x), 1)) / 2
+    torch.testing.assert_close(torch.softmax(whole, 1), want, atol=1e-6, rtol=1e-5)
+    big = (lh / "weights.safetensors").stat().st_size + (lh / "member-1.safetensors").stat().st_size
+    b = share_weights(bm, lh)
+    assert not (lh / "member-1.safetensors").exists()                # its own tensors lie in one small file
+    assert (lh / "weights.safetensors").stat().st_size < big / 100
+    parts = b.manifest["weights"]["parts"]
+    assert [(p["file"], p.get("prefix", ""), p["only"]) for p in parts] == [
+        ("weights.safetensors", "members.0.", ["embedding.", "trunk."]),
+        ("member-1.safetensors", "members.1.", ["embedding.", "trunk."])]
+    assert [p["sha256"] for p in parts] == [wf.sha256 for wf in weight_files(open_bundle(bm).manifest)]
+    with torch.no_grad():
+        assert torch.equal(open_bundle(lh).model()(x), whole)
+    data = bytearray((bm / "member-1.safetensors").read_bytes())     # the second member's trunk altered
+    data[-1] ^= 0xFF
+    (bm / "member-1.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelBundleError, match="of the model 'bm', whose trunk it uses, does not match"):
+        open_bundle(lh)
+
+
+def test_ensembles_of_unrelated_members_share_only_what_is_identical(tmp_path):
+    """A risk ensemble whose second member was trained on another trunk shares the first member's trunk only."""
+    from BreastDLRLib.bundles import save_ensemble_bundle, share_weights
+
+    p0, p1 = _pair(tmp_path / "pair0", seed=0), _pair(tmp_path / "pair1", seed=1, other_seed=2)
+    bm = save_ensemble_bundle(tmp_path / "models" / "bm", [p0[0], p1[0]], {**COMMON, "name": "bm", "role": "malignancy"}, "c")
+    lh = save_ensemble_bundle(tmp_path / "models" / "lh", [p0[1], p1[1]], {**COMMON, "name": "lh", "role": "risk"}, "c")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = open_bundle(lh.path).model()(x)
+    b = share_weights(bm.path, lh.path)
+    assert [p["file"] for p in b.manifest["weights"]["parts"]] == ["weights.safetensors"]
+    with torch.no_grad():
+        assert torch.equal(open_bundle(lh.path).model()(x), before)

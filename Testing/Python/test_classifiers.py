@@ -342,3 +342,20 @@ def test_embedding_net_on_vgg11_explains_with_grad_cam():
     assert heat.shape == (1, 64, 64) and np.isfinite(heat).all()
     with pytest.raises(ModelBundleError, match="not valid"):
         build_classifier("EmbeddingNet", backbone="vgg13")
+
+
+def test_ensemble_head_on_the_ensembles_embedding_gives_its_probabilities():
+    """EnsembleNet.classifier(EnsembleNet.embed(x)) is the ensemble's output (what a sibling ensemble on the same
+    trunks computes from this one's embedding); a wrong width is refused."""
+    from BreastDLRLib.networks.classifiers import EnsembleNet
+
+    torch.manual_seed(0)
+    ens = EnsembleNet("EmbeddingNet", {"backbone": "resnet18", "embedding_dim": 8}, n_members=3).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = ens.embed(x)
+        assert feats.shape == (2, 24)
+        torch.testing.assert_close(torch.softmax(ens.classifier(feats), 1), torch.softmax(ens(x), 1))
+        with pytest.raises(ValueError, match="24 wide"):
+            ens.classifier(feats[:, :16])
+    assert not any("heads" in k for k in ens.state_dict())            # a view on the members' layers, stored once

@@ -221,6 +221,55 @@ def test_an_ensemble_with_mirror_tta_through_the_pipeline(tiny_bundles, tmp_path
     assert {m["name"] for m in res.models} >= {first.name}
 
 
+def test_risk_ensemble_on_the_malignancy_ensembles_trunks_runs_each_once_with_the_same_results(tiny_bundles, tmp_path):
+    """Two ensembles of BM/LH pairs (bundles.save_ensemble_bundle, then share_weights): the pipeline runs each
+    member's trunk once per crop for both models, and the probabilities equal those of the ensembles run apart."""
+    import shutil
+
+    import torch
+
+    from BreastDLRLib.bundles import open_bundle, save_bundle, save_ensemble_bundle, share_weights
+    from BreastDLRLib.networks.classifiers import build_classifier
+    from BreastDLRLib.training.classifier import task_model
+
+    first = open_bundle(tiny_bundles["malignancy"])
+    man = {k: v for k, v in first.manifest.items() if k not in ("weights", "format", "architecture", "arguments")}
+    man["input"] = {**first.input, "test_time_augmentation": ["hflip"]}
+    pairs = []
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        joint = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=16, num_classes=4).eval()
+        arch = {"architecture": "EmbeddingNet", "arguments": {"backbone": "resnet18", "embedding_dim": 16}}
+        pairs.append([save_bundle(tmp_path / f"pair{seed}" / name, task_model(joint, t), {**man, **arch, "name": name, "role": role},
+                                  "card").path for t, (name, role) in enumerate((("bm", "malignancy"), ("lh", "risk")))])
+    apart = tmp_path / "apart"
+    save_ensemble_bundle(apart / "bm", [p[0] for p in pairs], {**man, "name": "bm"}, "card")
+    save_ensemble_bundle(apart / "lh", [p[1] for p in pairs], {**man, "name": "lh", "role": "risk"}, "card")
+    shutil.copytree(apart, tmp_path / "shared")
+    share_weights(tmp_path / "shared" / "bm", tmp_path / "shared" / "lh")
+    case = make_image(seed=3)
+    results = {}
+    for kind in ("apart", "shared"):
+        pipe = Pipeline.from_paths([str(tiny_bundles["segmenter"]), str(tmp_path / kind / "bm"),
+                                    str(tmp_path / kind / "lh")], device="cpu")
+        assert pipe.risk_shares_trunk == (kind == "shared")
+        calls = []
+        for role in ("malignancy", "risk"):
+            for k, member in enumerate(pipe.bundles[role].model().members):
+                member.trunk.register_forward_hook(lambda *a, r=f"{role} {k}": calls.append(r))
+        res = pipe.analyze(case.image, birads="4a", explain=False)
+        assert res.lesions
+        results[kind] = [(lr.probabilities, lr.thresholds, lr.recommendation.to_dict()) for lr in res.lesions]
+        assert calls.count("risk 0") == calls.count("risk 1") == (0 if kind == "shared" else len(res.lesions))
+        assert calls.count("malignancy 0") == calls.count("malignancy 1")
+        results[kind + " malignancy calls"] = calls.count("malignancy 0")
+    assert results.pop("apart malignancy calls") == results.pop("shared malignancy calls")   # no extra trunk run
+    for (pa, ta, ra), (ps, ts, rs) in zip(results["apart"], results["shared"]):
+        assert pa.keys() == ps.keys() and ta == ts and ra == rs
+        for k in pa:
+            assert ps[k] == pytest.approx(pa[k], abs=1e-6)
+
+
 def test_risk_model_on_the_malignancy_trunk_runs_it_once_with_the_same_results(tiny_bundles, tmp_path):
     """A BM/LH pair written with one trunk (bundles.share_weights): the pipeline runs the trunk once per crop for
     both models, and every probability equals that of the two models run apart (an unshared copy of the pair)."""

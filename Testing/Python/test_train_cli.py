@@ -324,3 +324,27 @@ def test_joint_training_script_stores_the_trunk_once_and_fine_tunes_from_it(mani
     z1 = np.load(tmp_path / "w1" / "val_malignancy.npz")
     z2 = np.load(tmp_path / "w2" / "val_malignancy.npz")
     assert list(z1["case_id"]) == list(z2["case_id"])                     # the same held-out patients
+    # the two pairs (one split) made a malignancy and a risk ensemble, each member's trunk stored once
+    from BreastDLRLib.bundles import weight_files
+    from BreastDLRLib.networks.classifiers import EnsembleNet
+
+    ens_script = Path(__file__).resolve().parents[2] / "scripts" / "make_ensemble.py"
+    argv = sys.argv
+    sys.argv = [str(ens_script), "--manifest", str(manifest), "--task", "both", "--members", str(tmp_path / "base"),
+                str(tmp_path / "ft"), "--out", str(tmp_path / "ens"), "--work", str(tmp_path / "we")]
+    try:
+        runpy.run_path(str(ens_script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    ebm, elh = open_bundle(tmp_path / "ens" / "breastdlr-malignancy-2d"), open_bundle(tmp_path / "ens" / "breastdlr-risk-2d")
+    assert ebm.manifest["architecture"] == elh.manifest["architecture"] == "EnsembleNet"
+    assert elh.manifest["uses_weights_of"] == "breastdlr-malignancy-2d" and elh.manifest["weights"]["bytes"] < 4000
+    assert [p["sha256"] for p in elh.manifest["weights"]["parts"]] == [wf.sha256 for wf in weight_files(ebm.manifest)]
+    assert [m["box_views"] for m in elh.manifest["metrics"]["members"]] == [0, 1]
+    with torch.no_grad():                       # the risk ensemble is the mean of the two risk models
+        want = (torch.softmax(lh.model()(x), 1) + torch.softmax(open_bundle(tmp_path / "ft" / "breastdlr-risk-2d").model()(x), 1)) / 2
+        torch.testing.assert_close(torch.softmax(elh.model()(x), 1), want, atol=1e-5, rtol=1e-4)
+    assert isinstance(elh.model(), EnsembleNet)
+    z = np.load(tmp_path / "we" / "val_risk.npz")
+    assert list(z["case_id"]) == list(np.load(tmp_path / "w1" / "val_risk.npz")["case_id"])
+    assert elh.manifest["metrics"]["auc"] == pytest.approx(roc_auc(z["labels"], z["probs"]).auc, abs=1e-12)
