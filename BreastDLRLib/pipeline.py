@@ -330,20 +330,23 @@ class Pipeline:
             inputs = {p: torch.from_numpy(np.stack([c.image for c in crops[p]])[:, None].repeat(3, 1)).float().to(self.device)
                       for p in crops}
             frames = inputs if arch == "ThreePlaneFusion" else inputs["transverse"]
+            embedded: List[Any] = []                  # the shared trunk's embeddings, kept from its one pass
             if key == "malignancy" and shared:
                 lh = self.bundles["risk"]
                 pred, risk_pred = predict_frames_shared(
                     model, [model.classifier, lh.model(str(self.device)).classifier], frames,
-                    [b.thresholds.get("probability", 0.5), lh.thresholds.get("probability", 0.5)], tta=spec["tta"])
+                    [b.thresholds.get("probability", 0.5), lh.thresholds.get("probability", 0.5)], tta=spec["tta"],
+                    embeddings=embedded)
             else:
                 pred = predict_frames(model, frames, threshold=b.thresholds.get("probability", 0.5), tta=spec["tta"])
             lr.probabilities[key] = float(pred.probability)
             lr.frame_probabilities[key] = [float(x) for x in pred.frame_probabilities]
             lr.thresholds[key] = float(b.thresholds.get("probability", 0.5))
-            if key == "malignancy" and hasattr(model, "embed"):
+            if key == "malignancy" and embedded:
+                lr.embedding = torch.cat(embedded).float().mean(0).cpu().numpy()
+            elif key == "malignancy" and hasattr(model, "embed"):
                 with torch.no_grad():
-                    emb = model.embed(frames).float().mean(0).cpu().numpy()
-                lr.embedding = emb
+                    lr.embedding = model.embed(frames).float().mean(0).cpu().numpy()
             timing["classify"] += time.perf_counter() - t
             if key == "malignancy" and heat is not None and not explained:
                 t = time.perf_counter()

@@ -56,8 +56,10 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    command = (f"python scripts/make_ensemble.py --manifest <breast-us>/manifest.csv --task {a.task} --members "
+               f"{' '.join(a.members)} --out {a.out}")
     if a.task != "both":
-        build(a.manifest, a.task, [Path(m) for m in a.members], Path(a.out), Path(a.work))
+        build(a.manifest, a.task, [Path(m) for m in a.members], Path(a.out), Path(a.work), command)
         return
     out = Path(a.out)
     if any(Path(m).resolve() == out.resolve() for m in a.members):
@@ -65,7 +67,7 @@ def main() -> None:
     written = {}
     for task in ("malignancy", "risk"):
         paths = [one_of_role(Path(m), task) for m in a.members]
-        written[task] = build(a.manifest, task, paths, out / paths[0].name, Path(a.work))
+        written[task] = build(a.manifest, task, paths, out / paths[0].name, Path(a.work), command)
     shared = share_weights(written["malignancy"].path, written["risk"].path)
     print(f"[ensemble] {shared.name} takes its members' trunks from {written['malignancy'].name} "
           f"({shared.manifest['weights']['bytes']} bytes of its own)")
@@ -79,7 +81,7 @@ def one_of_role(folder: Path, role: str) -> Path:
     return Path(found[0])
 
 
-def build(manifest_csv: str, task: str, member_paths, out_path: Path, work: Path):
+def build(manifest_csv: str, task: str, member_paths, out_path: Path, work: Path, command: str):
     """The ensemble of ``member_paths`` for ``task``, measured on their held-out fold and written to ``out_path``."""
     members = [open_bundle(m) for m in member_paths]
     try:
@@ -118,8 +120,7 @@ def build(manifest_csv: str, task: str, member_paths, out_path: Path, work: Path
     manifest["input"] = {**first["input"], "test_time_augmentation": ["hflip"]}
     manifest["metrics"] = metrics
     manifest["provenance"] = {**first["provenance"], "ensembled": dt.date.today().isoformat(),
-                              "ensemble_command": "python scripts/make_ensemble.py --task " + task + " --members "
-                              + " ".join(Path(m).name for m in member_paths),
+                              "ensemble_command": command,
                               "member_configs": [b.manifest["provenance"]["config"] for b in members]}
     card = ensemble_card(members, manifest, task, len(yv))
     out = save_ensemble_bundle(out_path, [b.path for b in members], manifest, card)
@@ -138,6 +139,7 @@ def ensemble_card(members, manifest: dict, task: str, n_val: int) -> str:
     rows = "\n".join(f"| {k + 1} | seed {mm['seed']}" + (f", {mm['box_views']} box views" if mm.get("box_views") else "")
                      + f" | {mm['auc']:.3f} | {mm['auc_tta_hflip']:.3f} | "
                      f"{mm['best_epoch']} of {mm['epochs_run']} |" for k, mm in enumerate(m["members"]))
+    commands = "\n".join(f"{k + 1}. `{b.manifest['provenance'].get('command', '(not recorded)')}`" for k, b in enumerate(members))
     by_ds = ", ".join(f"{d} {v:.3f}" for d, v in m["auc_by_dataset"].items())
     goal = "met" if m["auc"] >= 0.9 else "NOT met"
     return f"""# Model card: {manifest['name']} (ensemble of {len(members)})
@@ -159,8 +161,11 @@ held-back patients of the datasets have not been measured here.
 |---|---|---|---|---|
 {rows}
 
-**Rebuild.** Train each member (`python scripts/train_classifier.py --manifest <breast-us>/manifest.csv --task both
---seed S --split-seed 0 --out <dir>`), then `{manifest['provenance']['ensemble_command']}` (see scripts/retrain_models.sh).
+**Rebuild.** Train each member with its own command (each in its own output folder):
+
+{commands}
+
+then `{manifest['provenance']['ensemble_command']}` (see scripts/retrain_models.sh).
 
 ## The members (card of the first member)
 {body}"""

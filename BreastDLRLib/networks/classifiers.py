@@ -497,19 +497,22 @@ def predict_frames_shared(
     thresholds: Sequence[float],
     batch_size: int = 16,
     tta: Sequence[str] = (),
+    embeddings: Optional[List[torch.Tensor]] = None,
 ) -> List[FramePrediction]:
     """:func:`predict_frames` for several classification layers on one trunk: the embedding of every frame (and
     its mirror) is computed once and each head in ``heads`` maps it to its own logits.  With ``model``'s own
     ``classifier`` among the heads, its prediction equals ``predict_frames(model, ...)``.  For two models trained on
-    one trunk (the malignancy and risk models), this halves the work."""
+    one trunk (the malignancy and risk models), this halves the work.  A list given as ``embeddings`` receives
+    the frames' own embeddings (not the mirrors'), batch by batch: ``model.embed(frames)`` without another pass."""
     if len(heads) != len(thresholds):
         raise ValueError("one threshold per head")
-    return _predict_views(model.embed, list(heads), frames, list(thresholds), batch_size, 1, tta, eval_of=model)
+    return _predict_views(model.embed, list(heads), frames, list(thresholds), batch_size, 1, tta, eval_of=model,
+                          keep=embeddings)
 
 
 def _predict_views(features: Any, heads: Sequence[nn.Module], frames: Any, thresholds: Sequence[float],
-                   batch_size: int, positive_index: int, tta: Sequence[str], eval_of: Optional[nn.Module] = None
-                   ) -> List[FramePrediction]:
+                   batch_size: int, positive_index: int, tta: Sequence[str], eval_of: Optional[nn.Module] = None,
+                   keep: Optional[List[torch.Tensor]] = None) -> List[FramePrediction]:
     unknown = [t for t in tta if t not in TTA]
     if unknown:
         raise ModelBundleError(f"The model asks for the test-time augmentation {unknown[0]!r}, which this BreastDLR "
@@ -531,6 +534,8 @@ def _predict_views(features: Any, heads: Sequence[nn.Module], frames: Any, thres
                 views = [batch] + [_hflip(batch) for t in tta if t == "hflip"]
                 n = _n_frames(batch)
                 feats = features(_cat_views(views))                                 # one call for all views
+                if keep is not None:
+                    keep.append(feats[:n])
                 for h, head in enumerate(heads):
                     p = torch.softmax(head(feats).float(), dim=1)[:, positive_index]
                     probs[h].append(p.view(len(views), n).mean(0))

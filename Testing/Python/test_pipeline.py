@@ -259,13 +259,15 @@ def test_risk_ensemble_on_the_malignancy_ensembles_trunks_runs_each_once_with_th
                 member.trunk.register_forward_hook(lambda *a, r=f"{role} {k}": calls.append(r))
         res = pipe.analyze(case.image, birads="4a", explain=False)
         assert res.lesions
-        results[kind] = [(lr.probabilities, lr.thresholds, lr.recommendation.to_dict()) for lr in res.lesions]
+        results[kind] = [(lr.probabilities, lr.thresholds, lr.recommendation.to_dict(), lr.embedding)
+                         for lr in res.lesions]
         assert calls.count("risk 0") == calls.count("risk 1") == (0 if kind == "shared" else len(res.lesions))
-        assert calls.count("malignancy 0") == calls.count("malignancy 1")
-        results[kind + " malignancy calls"] = calls.count("malignancy 0")
-    assert results.pop("apart malignancy calls") == results.pop("shared malignancy calls")   # no extra trunk run
-    for (pa, ta, ra), (ps, ts, rs) in zip(results["apart"], results["shared"]):
+        n = (1 if kind == "shared" else 2) * len(res.lesions)   # apart, the embedding takes a second pass
+        assert calls.count("malignancy 0") == calls.count("malignancy 1") == n
+    for (pa, ta, ra, ea), (ps, ts, rs, es) in zip(results["apart"], results["shared"]):
         assert pa.keys() == ps.keys() and ta == ts and ra == rs
+        assert es.shape == (32,)                                  # both members' embeddings side by side
+        np.testing.assert_allclose(es, ea, rtol=1e-5, atol=1e-6)
         for k in pa:
             assert ps[k] == pytest.approx(pa[k], abs=1e-6)
 
@@ -302,13 +304,14 @@ def test_risk_model_on_the_malignancy_trunk_runs_it_once_with_the_same_results(t
             pipe.bundles[role].model().trunk.register_forward_hook(lambda *a, r=role: calls.append(r))
         res = pipe.analyze(case.image, birads="4a", explain=False)
         assert res.lesions
-        results[kind] = [(lr.probabilities, lr.frame_probabilities, lr.thresholds, lr.recommendation.to_dict())
-                         for lr in res.lesions]
+        results[kind] = [(lr.probabilities, lr.frame_probabilities, lr.thresholds, lr.recommendation.to_dict(),
+                          lr.embedding) for lr in res.lesions]
         assert calls.count("risk") == (0 if kind == "shared" else len(res.lesions))
-        results[kind + " malignancy calls"] = calls.count("malignancy")
-    assert results.pop("apart malignancy calls") == results.pop("shared malignancy calls")   # no extra trunk run
-    for (pa, fa, ta, ra), (ps, fs, ts, rs) in zip(results["apart"], results["shared"]):
+        # apart: one pass to classify, one for the embedding; shared: the embedding is kept from the one pass
+        assert calls.count("malignancy") == (1 if kind == "shared" else 2) * len(res.lesions)
+    for (pa, fa, ta, ra, ea), (ps, fs, ts, rs, es) in zip(results["apart"], results["shared"]):
         assert pa.keys() == ps.keys() and ta == ts and ra == rs
+        np.testing.assert_allclose(es, ea, rtol=1e-5, atol=1e-6)
         for k in pa:
             assert ps[k] == pytest.approx(pa[k], abs=1e-6)
             assert fs[k] == pytest.approx(fa[k], abs=1e-6)
