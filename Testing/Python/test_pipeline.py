@@ -221,14 +221,48 @@ def test_an_ensemble_with_mirror_tta_through_the_pipeline(tiny_bundles, tmp_path
     assert {m["name"] for m in res.models} >= {first.name}
 
 
+def _apart_and_shared(segmenter, tmp_path):
+    """Analyse one image with the BM/LH bundles in ``tmp_path / "apart"`` and with a copy of them whose LH takes its
+    trunks from BM (bundles.share_weights).  Returns, per kind, the lesions' (probabilities, frame probabilities,
+    thresholds, recommendation, embedding) and how often each member's trunk ran ("malignancy 0", "risk 1", ...)."""
+    import shutil
+
+    from BreastDLRLib.bundles import share_weights
+
+    shutil.copytree(tmp_path / "apart", tmp_path / "shared")
+    share_weights(tmp_path / "shared" / "bm", tmp_path / "shared" / "lh")
+    case = make_image(seed=3)
+    out = {}
+    for kind in ("apart", "shared"):
+        pipe = Pipeline.from_paths([str(segmenter), str(tmp_path / kind / "bm"), str(tmp_path / kind / "lh")], device="cpu")
+        assert pipe.risk_shares_trunk == (kind == "shared")
+        calls = []
+        for role in ("malignancy", "risk"):
+            model = pipe.bundles[role].model()
+            for k, member in enumerate(getattr(model, "members", [model])):
+                member.trunk.register_forward_hook(lambda *a, r=f"{role} {k}": calls.append(r))
+        res = pipe.analyze(case.image, birads="4a", explain=False)
+        assert res.lesions
+        out[kind] = ([(lr.probabilities, lr.frame_probabilities, lr.thresholds, lr.recommendation.to_dict(), lr.embedding)
+                      for lr in res.lesions], {c: calls.count(c) for c in set(calls)})
+    return out
+
+
+def _assert_same_results(out):
+    for (pa, fa, ta, ra, ea), (ps, fs, ts, rs, es) in zip(out["apart"][0], out["shared"][0]):
+        assert pa.keys() == ps.keys() and ta == ts and ra == rs
+        np.testing.assert_allclose(es, ea, rtol=1e-5, atol=1e-6)
+        for k in pa:
+            assert ps[k] == pytest.approx(pa[k], abs=1e-6)
+            assert fs[k] == pytest.approx(fa[k], abs=1e-6)
+
+
 def test_risk_ensemble_on_the_malignancy_ensembles_trunks_runs_each_once_with_the_same_results(tiny_bundles, tmp_path):
     """Two ensembles of BM/LH pairs (bundles.save_ensemble_bundle, then share_weights): the pipeline runs each
     member's trunk once per crop for both models, and the probabilities equal those of the ensembles run apart."""
-    import shutil
-
     import torch
 
-    from BreastDLRLib.bundles import open_bundle, save_bundle, save_ensemble_bundle, share_weights
+    from BreastDLRLib.bundles import open_bundle, save_bundle, save_ensemble_bundle
     from BreastDLRLib.networks.classifiers import build_classifier
     from BreastDLRLib.training.classifier import task_model
 
@@ -242,44 +276,24 @@ def test_risk_ensemble_on_the_malignancy_ensembles_trunks_runs_each_once_with_th
         arch = {"architecture": "EmbeddingNet", "arguments": {"backbone": "resnet18", "embedding_dim": 16}}
         pairs.append([save_bundle(tmp_path / f"pair{seed}" / name, task_model(joint, t), {**man, **arch, "name": name, "role": role},
                                   "card").path for t, (name, role) in enumerate((("bm", "malignancy"), ("lh", "risk")))])
-    apart = tmp_path / "apart"
-    save_ensemble_bundle(apart / "bm", [p[0] for p in pairs], {**man, "name": "bm"}, "card")
-    save_ensemble_bundle(apart / "lh", [p[1] for p in pairs], {**man, "name": "lh", "role": "risk"}, "card")
-    shutil.copytree(apart, tmp_path / "shared")
-    share_weights(tmp_path / "shared" / "bm", tmp_path / "shared" / "lh")
-    case = make_image(seed=3)
-    results = {}
-    for kind in ("apart", "shared"):
-        pipe = Pipeline.from_paths([str(tiny_bundles["segmenter"]), str(tmp_path / kind / "bm"),
-                                    str(tmp_path / kind / "lh")], device="cpu")
-        assert pipe.risk_shares_trunk == (kind == "shared")
-        calls = []
-        for role in ("malignancy", "risk"):
-            for k, member in enumerate(pipe.bundles[role].model().members):
-                member.trunk.register_forward_hook(lambda *a, r=f"{role} {k}": calls.append(r))
-        res = pipe.analyze(case.image, birads="4a", explain=False)
-        assert res.lesions
-        results[kind] = [(lr.probabilities, lr.thresholds, lr.recommendation.to_dict(), lr.embedding)
-                         for lr in res.lesions]
-        assert calls.count("risk 0") == calls.count("risk 1") == (0 if kind == "shared" else len(res.lesions))
-        n = (1 if kind == "shared" else 2) * len(res.lesions)   # apart, the embedding takes a second pass
-        assert calls.count("malignancy 0") == calls.count("malignancy 1") == n
-    for (pa, ta, ra, ea), (ps, ts, rs, es) in zip(results["apart"], results["shared"]):
-        assert pa.keys() == ps.keys() and ta == ts and ra == rs
-        assert es.shape == (32,)                                  # both members' embeddings side by side
-        np.testing.assert_allclose(es, ea, rtol=1e-5, atol=1e-6)
-        for k in pa:
-            assert ps[k] == pytest.approx(pa[k], abs=1e-6)
+    save_ensemble_bundle(tmp_path / "apart" / "bm", [p[0] for p in pairs], {**man, "name": "bm"}, "card")
+    save_ensemble_bundle(tmp_path / "apart" / "lh", [p[1] for p in pairs], {**man, "name": "lh", "role": "risk"}, "card")
+    out = _apart_and_shared(tiny_bundles["segmenter"], tmp_path)
+    for kind, (lesions, calls) in out.items():
+        n = len(lesions)
+        assert calls.get("risk 0", 0) == calls.get("risk 1", 0) == (0 if kind == "shared" else n)
+        # apart: one pass to classify, one for the embedding; shared: the embedding is kept from the one pass
+        assert calls["malignancy 0"] == calls["malignancy 1"] == (1 if kind == "shared" else 2) * n
+        assert all(les[4].shape == (32,) for les in lesions)       # both members' embeddings side by side
+    _assert_same_results(out)
 
 
 def test_risk_model_on_the_malignancy_trunk_runs_it_once_with_the_same_results(tiny_bundles, tmp_path):
     """A BM/LH pair written with one trunk (bundles.share_weights): the pipeline runs the trunk once per crop for
     both models, and every probability equals that of the two models run apart (an unshared copy of the pair)."""
-    import shutil
-
     import torch
 
-    from BreastDLRLib.bundles import open_bundle, save_bundle, share_weights
+    from BreastDLRLib.bundles import open_bundle, save_bundle
     from BreastDLRLib.networks.classifiers import build_classifier
     from BreastDLRLib.training.classifier import task_model
 
@@ -288,30 +302,10 @@ def test_risk_model_on_the_malignancy_trunk_runs_it_once_with_the_same_results(t
     joint = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=16, num_classes=4).eval()
     man = {k: v for k, v in first.manifest.items() if k not in ("weights", "format")}
     man["input"] = {**first.input, "test_time_augmentation": ["hflip"]}
-    apart = tmp_path / "apart"
-    bm = save_bundle(apart / "bm", task_model(joint, 0), man, "card").path
-    lh = save_bundle(apart / "lh", task_model(joint, 1), {**man, "name": "test-risk", "role": "risk"}, "card").path
-    shutil.copytree(apart, tmp_path / "shared")
-    share_weights(tmp_path / "shared" / "bm", tmp_path / "shared" / "lh")
-    case = make_image(seed=3)
-    results = {}
-    for kind in ("apart", "shared"):
-        pipe = Pipeline.from_paths([str(tiny_bundles["segmenter"]), str(tmp_path / kind / "bm"),
-                                    str(tmp_path / kind / "lh")], device="cpu")
-        assert pipe.risk_shares_trunk == (kind == "shared")
-        calls = []
-        for role in ("malignancy", "risk"):
-            pipe.bundles[role].model().trunk.register_forward_hook(lambda *a, r=role: calls.append(r))
-        res = pipe.analyze(case.image, birads="4a", explain=False)
-        assert res.lesions
-        results[kind] = [(lr.probabilities, lr.frame_probabilities, lr.thresholds, lr.recommendation.to_dict(),
-                          lr.embedding) for lr in res.lesions]
-        assert calls.count("risk") == (0 if kind == "shared" else len(res.lesions))
-        # apart: one pass to classify, one for the embedding; shared: the embedding is kept from the one pass
-        assert calls.count("malignancy") == (1 if kind == "shared" else 2) * len(res.lesions)
-    for (pa, fa, ta, ra, ea), (ps, fs, ts, rs, es) in zip(results["apart"], results["shared"]):
-        assert pa.keys() == ps.keys() and ta == ts and ra == rs
-        np.testing.assert_allclose(es, ea, rtol=1e-5, atol=1e-6)
-        for k in pa:
-            assert ps[k] == pytest.approx(pa[k], abs=1e-6)
-            assert fs[k] == pytest.approx(fa[k], abs=1e-6)
+    save_bundle(tmp_path / "apart" / "bm", task_model(joint, 0), man, "card")
+    save_bundle(tmp_path / "apart" / "lh", task_model(joint, 1), {**man, "name": "test-risk", "role": "risk"}, "card")
+    out = _apart_and_shared(tiny_bundles["segmenter"], tmp_path)
+    for kind, (lesions, calls) in out.items():
+        assert calls.get("risk 0", 0) == (0 if kind == "shared" else len(lesions))
+        assert calls["malignancy 0"] == (1 if kind == "shared" else 2) * len(lesions)
+    _assert_same_results(out)
