@@ -439,11 +439,10 @@ def share_weights(main: os.PathLike, other: os.PathLike) -> Bundle:
     if any(wf.bundle for wf in files_a + files_b) or a.is_head or b.is_head:
         raise ModelBundleError("Only two networks stored in their own files can share their trunk.")
     tb = load_weights(b)
-    if set(load_weights(a)) != set(tb):
-        raise ModelBundleError(f"Models '{a.name}' and '{b.name}' do not hold the same tensors; they share no trunk.")
-    parts, covered = [], set()
+    parts, covered, names_a = [], set(), set()
     for wf in files_a:
         ta = load_file(str(a.path / wf.file))
+        names_a |= {wf.prefix + k for k in ta}
         same = lambda k: (wf.prefix + k in tb and ta[k].dtype == tb[wf.prefix + k].dtype  # noqa: E731
                           and ta[k].shape == tb[wf.prefix + k].shape and bool((ta[k] == tb[wf.prefix + k]).all()))
         modules = sorted({k.split(".")[0] + "." for k in ta})
@@ -452,6 +451,8 @@ def share_weights(main: os.PathLike, other: os.PathLike) -> Bundle:
             part = {"bundle": a.path.name, "file": wf.file, "sha256": wf.sha256, "only": shared}
             parts.append({**part, "prefix": wf.prefix} if wf.prefix else part)
             covered |= {wf.prefix + k for k in ta if k.startswith(tuple(shared))}
+    if names_a != set(tb):
+        raise ModelBundleError(f"Models '{a.name}' and '{b.name}' do not hold the same tensors; they share no trunk.")
     if not parts:
         raise ModelBundleError(f"Models '{a.name}' and '{b.name}' have no module in common; they share no trunk.")
     own = {k: v.contiguous() for k, v in tb.items() if k not in covered}

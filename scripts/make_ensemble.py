@@ -78,7 +78,7 @@ def one_of_role(folder: Path, role: str) -> Path:
     found = [sub for sub in sorted(folder.iterdir()) if (sub / MANIFEST).is_file() and read_manifest(sub)["role"] == role]
     if len(found) != 1:
         sys.exit(f"make_ensemble: {folder} holds {len(found)} {role} models; one was expected.")
-    return Path(found[0])
+    return found[0]
 
 
 def build(manifest_csv: str, task: str, member_paths, out_path: Path, work: Path, command: str):
