@@ -8,7 +8,8 @@ images, so the segmenter outlines and crops every lesion as it does for a user (
 The held-out fold is cut again from the bundles' own split (BreastDLRLib.training.heldout).  Writes
 ``<work>/heldout_manifest.csv`` (the fold's rows, absolute paths), ``<work>/predictions.csv`` (what `predict`
 wrote) and ``<work>/end_to_end.json`` (per task: AUC with its DeLong CI, by dataset, and how many images had no
-lesion found).  The installed fusion and morphology models apply as they do for a user (the malignancy score is
+lesion found; and how many held-out images the segmenter trained on, which is 0 for a segmenter trained on the
+classifiers' split).  The installed fusion and morphology models apply as they do for a user (the malignancy score is
 then the fused one where an age is known); ``--image-only`` leaves them out.  `breastdlr evaluate <work>/predictions.csv --truth <work>/heldout_manifest.csv` gives the full report.
 """
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> None:
                 if r.get(k):
                     r[k] = str(base / r[k])
             w.writerow(r)
+    seen = segmenter_training_overlap(a.segmenter, a.manifest, rows.values())
     models = [a.malignancy, a.risk] + ([a.segmenter] if a.segmenter else [])
     preds_csv = work / "predictions.csv"
     masks = work / "segmenter_masks" if a.segmenter_outlines_as_reader else None
@@ -74,7 +76,7 @@ def main() -> None:
                      optional_roles=("risk",) if a.image_only else None)
     out = {"image_only": a.image_only, "malignancy_model": open_bundle(a.malignancy).manifest["weights"]["sha256"],
            "risk_model": open_bundle(a.risk).manifest["weights"]["sha256"],
-           "tasks": aucs(labels, preds_csv)}
+           "segmenter_training_images_among_held_out": seen, "tasks": aucs(labels, preds_csv)}
     if masks is not None:
         as_reader = work / "heldout_manifest_segmenter_outlines.csv"
         with open(sub, newline="", encoding="utf-8") as f, open(as_reader, "w", newline="", encoding="utf-8") as g:
@@ -88,6 +90,26 @@ def main() -> None:
         print("segmenter outlines scored as a reader's:", flush=True)
         out["segmenter_outlines_as_reader"] = aucs(labels, seg_csv)
     (work / "end_to_end.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+def segmenter_training_overlap(segmenter, manifest, cases) -> int:
+    """How many of the held-out images belong to patients the segmenter trained on (0 when the segmenter was trained
+    on the classifiers' split, BreastDLRLib.training.splits); a warning says what a higher count means."""
+    from BreastDLRLib.bundles import default_bundle
+    from BreastDLRLib.training.data import read_manifest_csv
+    from BreastDLRLib.training.splits import segmenter_split
+
+    b = open_bundle(segmenter) if segmenter else default_bundle("segmenter")
+    cfg = b.manifest["provenance"]["config"]
+    tr, _ = segmenter_split(read_manifest_csv(manifest), cfg.get("folds", 5), cfg.get("seed", 0),
+                            cfg.get("val_fold", 0), cfg.get("split", "own"))
+    trained_on = {f"{c.dataset}/{c.patient_id}" for c in tr}
+    cases = list(cases)
+    n = sum(f"{c.dataset}/{c.patient_id}" in trained_on for c in cases)
+    if n:
+        print(f"WARNING: {n} of the {len(cases)} held-out images are of patients the segmenter trained on; the "
+              "end-to-end figures are optimistic for them", flush=True)
+    return n
 
 
 def aucs(labels, preds_csv: Path) -> dict:

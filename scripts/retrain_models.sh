@@ -15,12 +15,17 @@ export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 ( $py scripts/train_segmenter.py --manifest "$manifest" --out "$work/segmenter-real" --work "$work/segmenter" --threads 1
   $py scripts/make_mixed_manifest.py --manifest "$manifest" --out "$work/mix"
   $py scripts/train_segmenter.py --manifest "$work/mix/manifest.csv" --init "$work/segmenter-real" --epochs 7 --lr 0.0005 \
-      --out Resources/Models/breastdlr-segmenter-2d --work "$work/segmix" --threads 1 ) &
+      --out Resources/Models/breastdlr-segmenter-2d --work "$work/segmix" --threads 1 \
+      --card-command "bash scripts/retrain_models.sh (segmenter part: real images, then synthetic 2D images and ABVS slices added)" ) &
+# The segmenter's folds are the classifiers' (BreastDLRLib.training.splits), so the end-to-end check below runs on
+# patients neither model trained on.
 # BM and LH: one ResNet50 trunk, two heads (its bundles declare the mirror test-time augmentation); LH's bundle
 # keeps only its last layer and takes the trunk from BM's weights file
 $py scripts/train_classifier.py --manifest "$manifest" --task both --seed 0 --epochs 22 --patience 30 \
     --out Resources/Models --work "$work/classifiers" --threads 1
 wait
+# the segmenter on its held-out patients at full resolution; its manifest then declares the mirror on single images
+$py scripts/segmenter_heldout.py --manifest "$manifest" --out "$work/segmenter-heldout.json" --declare
 for task in malignancy risk; do   # held-out probabilities with the mirror, for the fusion head and the 4A table
   $py scripts/add_mirror_tta.py --manifest "$manifest" --task "$task" --bundle "Resources/Models/breastdlr-$task-2d" \
       --work "$work/tta"
@@ -42,6 +47,5 @@ morphology --segmenter-check "$work/morphology-on-segmenter.json"
 $py scripts/restratification.py --manifest "$manifest" --work "$work/tta" --fusion Resources/Models/breastdlr-fusion-age \
     --risk-model Resources/Models/breastdlr-risk-2d
 $py scripts/restratification.py --manifest "$manifest" --work "$work/tta" --morphology "$work/morphology"
-$py scripts/segmenter_heldout.py --manifest "$manifest" --out "$work/segmenter-heldout.json"
 $py scripts/classifier_end_to_end.py --manifest "$manifest" --work "$work/e2e"
 $py -c "from BreastDLRLib.bundles import write_index; print(write_index('Resources/Models'))"

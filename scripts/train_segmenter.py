@@ -23,11 +23,13 @@ def main() -> None:
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--card-command", default=None,
+                    help="the retrain command the card quotes (default: this script on the data's manifest)")
     add_config_arguments(ap, SegmenterConfig)
     a = ap.parse_args()
     cfg = config_from_arguments(a, SegmenterConfig)
     res = train_segmenter(a.manifest, a.out, cfg, work_dir=a.work, log=lambda m: print(m, flush=True))
-    manifest, card = segmenter_manifest_and_card(res, a.manifest)
+    manifest, card = segmenter_manifest_and_card(res, a.manifest, a.card_command)
     from BreastDLRLib.bundles import save_bundle
 
     b = save_bundle(a.out, res["model"], manifest, card, half=True)

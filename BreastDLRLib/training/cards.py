@@ -17,7 +17,25 @@ DATA_CITATION = (
 )
 
 
-def segmenter_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path) -> Tuple[Dict[str, Any], str]:
+def _init_text(init: str | None) -> str:
+    """How the network a segmenter was fine-tuned from was trained, from that bundle's manifest (when readable)."""
+    if not init:
+        return ""
+    try:
+        prev = json.loads((Path(init) / "manifest.json").read_text(encoding="utf-8"))
+        pc, pm = prev["provenance"]["config"], prev["metrics"]
+        dice = pm.get("dice_mean_real_lesion_images_fp32", pm["dice_mean_lesion_images_fp32"])
+        return (f"; fine-tuned from a network trained {pc['epochs']} epochs (lr {pc['lr']:g}) on "
+                f"{prev['provenance']['n_train_images']} images of the same split (validation Dice on real images "
+                f"{dice:.3f}; `{Path(init).name}`)")
+    except (OSError, KeyError, TypeError, ValueError):
+        return f"; fine-tuned from {init}"
+
+
+def segmenter_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path,
+                                command: str | None = None) -> Tuple[Dict[str, Any], str]:
+    """The bundle manifest and model card of a trained segmenter; ``command`` is the retrain command they quote
+    (default: ``scripts/train_segmenter.py`` on the data's manifest)."""
     cfg, m = res["config"], res["metrics"]
     real_mean = m.get("dice_mean_real_lesion_images_fp32", m["dice_mean_lesion_images_fp32"])
     real_median = m.get("dice_median_real_lesion_images_fp32", m["dice_median_lesion_images_fp32"])
@@ -38,7 +56,8 @@ def segmenter_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path) 
         "clinical_variables": [],
         "provenance": {"data": DATA_CITATION, "manifest": Path(manifest_path).name, "n_train_images": res["n_train"],
                        "trained": _dt.date.today().isoformat(), "config": cfg,
-                       "command": "python scripts/train_segmenter.py --manifest <breast-us>/manifest.csv --out Resources/Models/breastdlr-segmenter-2d"},
+                       "command": command or ("python scripts/train_segmenter.py --manifest <breast-us>/manifest.csv "
+                                              "--out Resources/Models/breastdlr-segmenter-2d")},
         "metrics": m,
         "licence": "Apache-2.0 (weights); training data under their own licences (see provenance)",
         "intended_use": INTENDED_USE,
@@ -54,8 +73,9 @@ small affine, gamma and gain). Applied slice by slice along a volume's acquisiti
 
 **Data.** {res['n_train']} training images ({json.dumps(res.get('train_datasets', {}))}) from {DATA_CITATION}{
 ' and synthetic images of BreastDLRLib.synthetic (so that the hypoechoic fat layers of the synthetic ABVS volumes are not taken for lesions)' if 'synthetic' in res.get('train_datasets', {}) else ''}{
-f"; fine-tuned from {cfg['init']}" if cfg.get('init') else ''}. Patient-level split: one fold of a 5-fold stratified
-group split held out ({m['val_images']} images, {m['val_patients']} patients); no patient is on both sides.
+_init_text(cfg.get('init'))}, {cfg['epochs']} epochs at peak lr {cfg['lr']:g}. Patient-level split: one fold of a {cfg.get('folds', 5)}-fold stratified
+group split held out ({m['val_images']} images, {m['val_patients']} patients); no patient is on both sides.{
+" The folds are the classifiers' (`--task both`, same seed): every patient the malignancy and risk models hold out is held out here too, so an end-to-end measurement on their held-out fold never meets an image the segmenter trained on." if cfg.get('split', 'own') == 'shared' else ''}
 
 **Metrics (held-out patients of the data at hand).**
 - mean Dice on real images with a lesion: {real_mean:.3f} (median {real_median:.3f}){
@@ -72,8 +92,9 @@ f"; with the synthetic validation images too: {m['dice_mean_lesion_images_fp32']
 and has not been validated on real 3D breast volumes (none were available). Calipers and text overlays in the
 training images (BUSI) may be segmented. Not measured on external sites; the project's quality goal (Dice >= 0.80
 on unseen patients) is {'met' if real_mean >= 0.8 else 'NOT yet met'} on this validation fold (not yet measured on the held-back
-patients). Without the size filter it outlines something on every normal (lesion-free) image of the validation fold:
-a finding on a normal-looking image needs a reader's judgement.
+patients). It may outline something on normal (lesion-free) images (how many of the held-out normal images get a
+finding at full resolution is measured by `scripts/segmenter_heldout.py`): a finding on a normal-looking image
+needs a reader's judgement.
 
 **Retrain.** `{manifest['provenance']['command']}` (about {sum(h['seconds'] for h in res['history']) / 60:.0f} min on a 2-core CPU).
 """

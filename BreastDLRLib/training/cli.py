@@ -22,7 +22,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import InputError
-from .data import Case, patient_folds, read_manifest_csv, split_seed_of
+from .data import Case, read_manifest_csv, split_seed_of
+from .splits import segmenter_folds
+from .splits import segmenter_split as segmenter_split_of
 
 TASKS = ("segmenter", "malignancy", "risk")
 PRESET_NAMES = ("lu2025", "liu2025", "yang2024", "cpu")          # the keys of classifier.PRESETS (checked by a test)
@@ -297,10 +299,8 @@ def classifier_fold_result(raw: Dict[str, Any]) -> Dict[str, Any]:
 
 def segmenter_split(manifest: Path, cfg) -> Tuple[List[Case], List[Case]]:
     """The training and validation images of ``train_segmenter`` for ``cfg`` (same filter, folds and caps)."""
-    cases = [c for c in read_manifest_csv(manifest) if c.label in ("benign", "malignant", "normal")]
-    folds = patient_folds(cases, cfg.folds, cfg.seed)
-    tr = [c for c, f in zip(cases, folds) if f != cfg.val_fold]
-    va = [c for c, f in zip(cases, folds) if f == cfg.val_fold]
+    tr, va = segmenter_split_of(read_manifest_csv(manifest), cfg.folds, cfg.seed, cfg.val_fold,
+                                getattr(cfg, "split", "own"))
     if cfg.max_train_cases:
         tr, va = tr[: cfg.max_train_cases], va[: max(8, cfg.max_train_cases // 4)]
     return tr, va
@@ -343,7 +343,7 @@ def check_trainable(task: str, cases: List[Case], cfg, val_folds: Sequence[int])
         if len(groups) < cfg.folds:
             raise InputError(f"The manifest has {len(groups)} patients, fewer than the {cfg.folds} folds; use --folds "
                              f"{max(2, len(groups))} or more data.")
-        folds = patient_folds(usable, cfg.folds, cfg.seed)
+        usable, folds = segmenter_folds(cases, cfg.folds, cfg.seed, getattr(cfg, "split", "own"))
         for k in val_folds:
             if not any(f == k and c.label != "normal" and c.mask is not None and c.mask.is_file()
                        for c, f in zip(usable, folds)):

@@ -23,7 +23,8 @@ from ..progress import step_bar
 from ..segmentation import cpu_has_fast_bf16
 from ..segmentation import normalise_intensity
 from .augment import ultrasound_augmenter
-from .data import Case, load_grey, load_mask, patient_folds, read_manifest_csv
+from .data import Case, load_grey, load_mask, read_manifest_csv
+from .splits import segmenter_split
 
 
 @dataclass
@@ -42,13 +43,15 @@ class SegmenterConfig:
     threads: int = 0
     max_minutes: Optional[float] = None
     init: Optional[str] = None    # a segmenter bundle to fine-tune from (else random initialisation)
+    split: str = "shared"         # "shared": the classifiers' patient folds (training.splits); "own": the earlier split
 
 
-def split_images(cases: List[Case], folds: int, seed: int, val_fold: int) -> Tuple[List[Case], List[Case]]:
-    """The segmenter's (training, validation) images: every benign, malignant or normal image, patient-level folds."""
-    cases = [c for c in cases if c.label in ("benign", "malignant", "normal")]
-    fold = patient_folds(cases, folds, seed)
-    return ([c for c, f in zip(cases, fold) if f != val_fold], [c for c, f in zip(cases, fold) if f == val_fold])
+def split_images(cases: List[Case], folds: int, seed: int, val_fold: int,
+                 split: str = "shared") -> Tuple[List[Case], List[Case]]:
+    """The segmenter's (training, validation) images: every benign, malignant or normal image, patient-level folds
+    (by default the classifiers' folds, so that their held-out patients are the segmenter's too: see
+    :mod:`BreastDLRLib.training.splits`)."""
+    return segmenter_split(cases, folds, seed, val_fold, split)
 
 
 def load_arrays(cases: List[Case], size: int) -> tuple:
@@ -100,7 +103,7 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tr, va = split_images(read_manifest_csv(manifest), cfg.folds, cfg.seed, cfg.val_fold)
+    tr, va = split_images(read_manifest_csv(manifest), cfg.folds, cfg.seed, cfg.val_fold, cfg.split)
     assert not ({c.patient_id for c in tr} & {c.patient_id for c in va}), "patient on both sides of the split"
     if cfg.max_train_cases:
         tr = tr[: cfg.max_train_cases]
