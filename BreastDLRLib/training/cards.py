@@ -78,7 +78,7 @@ group split held out ({m['val_images']} images, {m['val_patients']} patients); n
 " The folds are the classifiers' (`--task both`, same seed): every patient the malignancy and risk models hold out is held out here too, so an end-to-end measurement on their held-out fold never meets an image the segmenter trained on." if cfg.get('split', 'own') == 'shared' else ''}
 
 **Metrics (held-out patients of the data at hand).**
-- mean Dice on real images with a lesion: {real_mean:.3f} (median {real_median:.3f}){
+- mean Dice on {'real ' if 'dice_mean_real_lesion_images_fp32' in m else ''}images with a lesion: {real_mean:.3f} (median {real_median:.3f}){
 f"; with the synthetic validation images too: {m['dice_mean_lesion_images_fp32']:.3f}" if 'dice_mean_real_lesion_images_fp32' in m else ''}
 - by dataset: {json.dumps({k: round(v, 3) for k, v in m['dice_by_dataset'].items()})}
 - bf16 autocast vs fp32 masks: mean Dice agreement {m['bf16_vs_fp32_mask_dice_mean']:.4f} (min {m['bf16_vs_fp32_mask_dice_min']:.4f});
@@ -96,7 +96,7 @@ patients). It may outline something on normal (lesion-free) images (how many of 
 finding at full resolution is measured by `scripts/segmenter_heldout.py`): a finding on a normal-looking image
 needs a reader's judgement.
 
-**Retrain.** `{manifest['provenance']['command']}` (about {sum(h['seconds'] for h in res['history']) / 60:.0f} min on a 2-core CPU).
+**Retrain.** `{manifest['provenance']['command']}` ({'this fine-tune: ' if cfg.get('init') else ''}about {sum(h['seconds'] for h in res['history']) / 60:.0f} min on a 2-core CPU{', after the network it started from' if cfg.get('init') else ''}).
 """
     return manifest, card
 

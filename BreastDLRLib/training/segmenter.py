@@ -207,6 +207,11 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
         "bf16_vs_fp32_mask_dice_mean": float(agree.mean()), "bf16_vs_fp32_mask_dice_min": float(agree.min()),
         "best_epoch": best_epoch, "epochs_run": len(history),
     }
+    real = np.array([c.dataset != "synthetic" for c in va])
+    if real.any() and not real.all():       # synthetic images in the validation fold: the real images' figures on their own too
+        metrics.update(real_val_images=int(real.sum()),
+                       dice_mean_real_lesion_images_fp32=float(d32[lesion & real].mean()),
+                       dice_median_real_lesion_images_fp32=float(np.median(d32[lesion & real])))
     from collections import Counter
 
     return {"model": model, "metrics": metrics, "history": history, "config": asdict(cfg), "arguments": args,
