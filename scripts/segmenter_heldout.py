@@ -133,14 +133,10 @@ def declare_mirror(bundle, results: dict) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-    import os
-    import tempfile
+    from BreastDLRLib.io.writers import atomic_write
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    path.chmod(0o644)
 
 
 if __name__ == "__main__":
