@@ -30,7 +30,7 @@ from BreastDLRLib.bundles import open_bundle  # noqa: E402
 from BreastDLRLib.io import read_mask, read_volume  # noqa: E402
 from BreastDLRLib.pipeline import Pipeline  # noqa: E402
 from BreastDLRLib.training.data import read_manifest_csv  # noqa: E402
-from BreastDLRLib.training.segmenter import split_images  # noqa: E402
+from BreastDLRLib.training.splits import segmenter_split  # noqa: E402
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -49,8 +49,9 @@ def main() -> None:
     a = ap.parse_args()
     bundle = open_bundle(a.bundle)
     cfg = bundle.manifest["provenance"]["config"]
-    _, cases = split_images(read_manifest_csv(a.manifest), cfg.get("folds", 5), cfg.get("seed", 0), cfg.get("val_fold", 0),
-                          cfg.get("split", "own"))
+    # bundles trained before the shared split have no "split" in their config: their own split
+    _, cases = segmenter_split(read_manifest_csv(a.manifest), cfg.get("folds", 5), cfg.get("seed", 0),
+                               cfg.get("val_fold", 0), cfg.get("split", "own"))
     cases = cases[: a.max_cases]
     pipe = Pipeline({"segmenter": bundle}, device="cpu")
     seg = pipe.segmenter

@@ -299,8 +299,7 @@ def classifier_fold_result(raw: Dict[str, Any]) -> Dict[str, Any]:
 
 def segmenter_split(manifest: Path, cfg) -> Tuple[List[Case], List[Case]]:
     """The training and validation images of ``train_segmenter`` for ``cfg`` (same filter, folds and caps)."""
-    tr, va = segmenter_split_of(read_manifest_csv(manifest), cfg.folds, cfg.seed, cfg.val_fold,
-                                getattr(cfg, "split", "own"))
+    tr, va = segmenter_split_of(read_manifest_csv(manifest), cfg.folds, cfg.seed, cfg.val_fold, cfg.split)
     if cfg.max_train_cases:
         tr, va = tr[: cfg.max_train_cases], va[: max(8, cfg.max_train_cases // 4)]
     return tr, va
@@ -343,7 +342,7 @@ def check_trainable(task: str, cases: List[Case], cfg, val_folds: Sequence[int])
         if len(groups) < cfg.folds:
             raise InputError(f"The manifest has {len(groups)} patients, fewer than the {cfg.folds} folds; use --folds "
                              f"{max(2, len(groups))} or more data.")
-        usable, folds = segmenter_folds(cases, cfg.folds, cfg.seed, getattr(cfg, "split", "own"))
+        usable, folds = segmenter_folds(cases, cfg.folds, cfg.seed, cfg.split)
         for k in val_folds:
             if not any(f == k and c.label != "normal" and c.mask is not None and c.mask.is_file()
                        for c, f in zip(usable, folds)):

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -44,14 +44,6 @@ class SegmenterConfig:
     max_minutes: Optional[float] = None
     init: Optional[str] = None    # a segmenter bundle to fine-tune from (else random initialisation)
     split: str = "shared"         # "shared": the classifiers' patient folds (training.splits); "own": the earlier split
-
-
-def split_images(cases: List[Case], folds: int, seed: int, val_fold: int,
-                 split: str = "shared") -> Tuple[List[Case], List[Case]]:
-    """The segmenter's (training, validation) images: every benign, malignant or normal image, patient-level folds
-    (by default the classifiers' folds, so that their held-out patients are the segmenter's too: see
-    :mod:`BreastDLRLib.training.splits`)."""
-    return segmenter_split(cases, folds, seed, val_fold, split)
 
 
 def load_arrays(cases: List[Case], size: int) -> tuple:
@@ -103,7 +95,7 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tr, va = split_images(read_manifest_csv(manifest), cfg.folds, cfg.seed, cfg.val_fold, cfg.split)
+    tr, va = segmenter_split(read_manifest_csv(manifest), cfg.folds, cfg.seed, cfg.val_fold, cfg.split)
     assert not ({c.patient_id for c in tr} & {c.patient_id for c in va}), "patient on both sides of the split"
     if cfg.max_train_cases:
         tr = tr[: cfg.max_train_cases]
