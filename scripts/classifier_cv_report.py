@@ -38,8 +38,12 @@ def report(manifest: str, folds: dict) -> dict:
     cases = {c.case_id: c for c in read_manifest_csv(manifest)}
     per, ys, ps, dss, owner = {}, [], [], [], {}
     for k, path in sorted(folds.items()):
-        z = np.load(path)
-        ids = [str(i) for i in z["case_id"]]
+        try:
+            z = np.load(path)
+            ids, y, p = [str(i) for i in z["case_id"]], z["labels"].astype(int), z["probs"].astype(float)
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"Fold {k}: cannot read held-out probabilities from {path} ({exc}); write them with "
+                             "scripts/add_mirror_tta.py --work DIR (DIR/val_<task>.npz).") from exc
         unknown = [i for i in ids if i not in cases]
         if unknown:
             raise InputError(f"{path}: {len(unknown)} cases are not in the manifest (first: {unknown[0]}).")
@@ -47,7 +51,6 @@ def report(manifest: str, folds: dict) -> dict:
             key = f"{cases[i].dataset}/{cases[i].patient_id}"
             if owner.setdefault(key, k) != k:
                 raise InputError(f"Patient {key} is held out in folds {owner[key]} and {k}: not one split.")
-        y, p = z["labels"].astype(int), z["probs"].astype(float)
         ds = np.array([cases[i].dataset for i in ids])
         per[str(k)] = auc_doc(y, p, ds)
         ys.append(y), ps.append(p), dss.append(ds)
@@ -68,7 +71,10 @@ def main() -> None:
         folds = {int(k): v for k, v in (f.split("=", 1) for f in a.fold)}
     except ValueError:
         ap.error("--fold takes K=NPZ, e.g. --fold 0=runs/cv/fold0/val_malignancy.npz")
-    doc = {"task": a.task, **report(a.manifest, folds)}
+    try:
+        doc = {"task": a.task, **report(a.manifest, folds)}
+    except InputError as exc:
+        sys.exit(f"classifier_cv_report: {exc}")
     print(json.dumps(doc, indent=1))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

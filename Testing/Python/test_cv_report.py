@@ -62,3 +62,10 @@ def test_folds_sharing_a_patient_are_refused(data):
     report = runpy.run_path(str(SCRIPT))["report"]
     with pytest.raises(InputError, match="held out in folds 0 and 1"):
         report(str(manifest), {0: npz[0], 1: npz[0]})
+
+
+def test_an_unreadable_fold_file_says_how_to_write_it(data, tmp_path):
+    manifest, npz = data
+    report = runpy.run_path(str(SCRIPT))["report"]
+    with pytest.raises(InputError, match="Fold 1: cannot read .*add_mirror_tta.py"):
+        report(str(manifest), {0: npz[0], 1: tmp_path / "missing.npz"})
