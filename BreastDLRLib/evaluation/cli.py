@@ -20,6 +20,11 @@ def register(sub) -> None:
                    help="truth: malignancy = label malignant vs benign; risk = BI-RADS 4-5 vs 2-3")
     e.add_argument("--threshold", default="0.5",
                    help="operating point: a number (positive when score >= it; default 0.5) or youden")
+    e.add_argument("--readers", help="comma-separated columns of readers' BI-RADS grades (a reader study): each "
+                                     "gets its ROC/AUC over the grades, sensitivity and specificity, DeLong and "
+                                     "McNemar against the other columns; two or more also get Cohen's and Fleiss' kappa")
+    e.add_argument("--reader-positive", default="4a",
+                   help="a reader's call is positive from this BI-RADS grade on (default 4A: biopsy recommended)")
     e.add_argument("--embeddings", help="npz with arrays case_id and embedding: adds a t-SNE plot")
     e.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the AUC CI (default 2000)")
     e.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of t-SNE")
@@ -30,16 +35,27 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .report import run_evaluation
 
     columns = [c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None
+    readers = [c.strip() for c in a.readers.split(",") if c.strip()] if a.readers else []
     m = run_evaluation(a.predictions, a.truth, a.out, columns=columns, task=a.task, threshold=a.threshold,
-                       embeddings=a.embeddings, n_boot=a.n_boot, seed=a.seed)
+                       embeddings=a.embeddings, n_boot=a.n_boot, seed=a.seed, readers=readers,
+                       reader_positive=a.reader_positive)
     c = m["cases"]
     print(f"{c['evaluated']} cases evaluated ({c['positive']} {m['inputs']['positive_class']}, {c['negative']} "
           f"{m['inputs']['negative_class']}); {c['excluded']['total']} prediction rows excluded")
     for col, cm in m["columns"].items():
         auc, op = cm["auc"], cm["operating_point"]
-        print(f"  {col}: AUC {_f(auc['value'])} (95% CI {_f(auc['ci_low'])} to {_f(auc['ci_high'])}); at threshold "
-              f"{_f(op['threshold'])}: sensitivity {_f(op['sensitivity']['value'])}, specificity "
+        at = (f"positive from BI-RADS {m['inputs']['reader_positive_from'].upper()}" if col in m["inputs"]["readers"]
+              else f"at threshold {_f(op['threshold'])}")
+        print(f"  {col}: AUC {_f(auc['value'])} (95% CI {_f(auc['ci_low'])} to {_f(auc['ci_high'])}); {at}: "
+              f"sensitivity {_f(op['sensitivity']['value'])}, specificity "
               f"{_f(op['specificity']['value'])}")
+    ra = m.get("reader_agreement")
+    for p in (ra or {}).get("pairs", []):
+        k = p["kappa_linear"]
+        print(f"  readers {p['a']} / {p['b']}: kappa {_f(p['kappa']['kappa'])}, linear-weighted {_f(k['kappa'])} "
+              f"(95% CI {_f(k['ci_low'])} to {_f(k['ci_high'])})")
+    if ra and ra["fleiss"]:
+        print(f"  Fleiss' kappa over {ra['fleiss']['n_raters']} readers: {_f(ra['fleiss']['kappa'])}")
     print(f"report: {Path(a.out) / 'report.html'}")
     return 0
 

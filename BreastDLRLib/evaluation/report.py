@@ -17,7 +17,7 @@ import json
 import os
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -26,6 +26,7 @@ import numpy as np
 from .. import __version__
 from ..errors import InputError
 from ..training.data import RISK_HIGH, RISK_LOW
+from . import readers as rd
 from .stats import (EvaluationInputError, binary_metrics, calibration_curve, delong_test, mcnemar, net_benefit,
                     roc_auc, roc_curve, youden_threshold)
 
@@ -58,6 +59,7 @@ class Joined:
     n_prediction_rows: int
     n_truth_rows: int
     truth_without_prediction: int
+    readers: Dict[str, List[str]] = field(default_factory=dict)   # reader column -> BI-RADS grade per case
 
 
 def read_table(path: str | Path, what: str) -> Tuple[List[str], List[Dict[str, str]]]:
@@ -103,17 +105,22 @@ def parse_score(text: str, column: str, case_id: str) -> Optional[float]:
     return v
 
 
-def join_predictions(predictions: str | Path, truth: str | Path, columns: Sequence[str], task: str) -> Joined:
-    """Join predictions to the truth by ``case_id``; count and drop the rows that cannot be evaluated."""
+def join_predictions(predictions: str | Path, truth: str | Path, columns: Sequence[str], task: str,
+                     readers: Sequence[str] = ()) -> Joined:
+    """Join predictions to the truth by ``case_id``; count and drop the rows that cannot be evaluated.
+
+    ``readers`` are columns of BI-RADS grades (a reader study, :mod:`.readers`); they are evaluated as ordinal
+    scores after the score ``columns``, and a case is left out when any score or grade is missing."""
     if task not in DEFAULT_COLUMN:
         raise EvaluationInputError(f"Unknown task '{task}'; use malignancy or risk.")
     pcols, prows = read_table(predictions, "predictions")
     tcols, trows = read_table(truth, "truth")
     pname, tname = Path(predictions).name, Path(truth).name
-    missing = [c for c in ("case_id", *columns) if c not in pcols]
+    missing = [c for c in ("case_id", *columns, *readers) if c not in pcols]
     if missing:
         raise EvaluationInputError(f"The predictions {pname} have no column {', '.join(repr(m) for m in missing)} "
-                                   f"(its columns: {', '.join(pcols)}); choose score columns with --columns.")
+                                   f"(its columns: {', '.join(pcols)}); choose score columns with --columns "
+                                   "and reader columns with --readers.")
     need = ("case_id", TRUTH_COLUMN[task])
     missing = [c for c in need if c not in tcols]
     if missing:
@@ -126,11 +133,13 @@ def join_predictions(predictions: str | Path, truth: str | Path, columns: Sequen
                                    "the predictions were made on the images of this manifest.")
     excluded = {r: 0 for r in REASONS}
     ids, ys, sc = [], [], {c: [] for c in columns}
+    grades: Dict[str, List[str]] = {c: [] for c in readers}
     groups: Dict[str, Optional[List[str]]] = {g: ([] if g in tcols else None) for g in GROUP_COLUMNS}
     groups.update({g: ([] if g in pcols else None) for g in PREDICTION_GROUP_COLUMNS})
     for row in prows:
         cid = row["case_id"].strip()
         values = {c: parse_score(row[c], c, cid) for c in columns}  # a bad cell is an error in any row
+        values.update({c: rd.parse_grade(row[c], c, cid) for c in readers})
         t = truth_by_id.get(cid)
         label = None if t is None else reference_label(t, task)
         if t is None:
@@ -146,6 +155,8 @@ def join_predictions(predictions: str | Path, truth: str | Path, columns: Sequen
             ys.append(label)
             for c in columns:
                 sc[c].append(values[c])
+            for c in readers:
+                grades[c].append(values[c])
             for g, vals in groups.items():
                 if vals is not None:
                     src = row if g in PREDICTION_GROUP_COLUMNS else t
@@ -158,10 +169,11 @@ def join_predictions(predictions: str | Path, truth: str | Path, columns: Sequen
         only = CLASS_NAMES[task][1 if y.any() else 0]
         raise EvaluationInputError(f"All {y.size} evaluable cases are {only} in {tname}; an evaluation needs cases of "
                                    f"both classes ({' and '.join(CLASS_NAMES[task])}).")
-    return Joined(task=task, columns=list(columns), case_ids=ids, y=y,
-                  scores={c: np.array(v, dtype=float) for c, v in sc.items()}, groups=groups, excluded=excluded,
-                  n_prediction_rows=len(prows), n_truth_rows=len(trows),
-                  truth_without_prediction=len(set(truth_by_id) - set(pred_ids)))
+    scores = {c: np.array(v, dtype=float) for c, v in sc.items()}
+    scores.update({c: rd.reader_scores(g) for c, g in grades.items()})
+    return Joined(task=task, columns=[*columns, *readers], case_ids=ids, y=y, scores=scores, groups=groups,
+                  excluded=excluded, n_prediction_rows=len(prows), n_truth_rows=len(trows),
+                  truth_without_prediction=len(set(truth_by_id) - set(pred_ids)), readers=grades)
 
 
 def _unique_rows(rows: List[Dict[str, str]], name: str) -> Dict[str, Dict[str, str]]:
@@ -216,12 +228,24 @@ def parse_threshold(text: str | float) -> Tuple[str, Optional[float]]:
 
 # ---------------------------------------------------------------------------------------------- metrics
 def evaluate(joined: Joined, threshold: str | float = 0.5, n_boot: int = 2000, seed: int = 0,
-             level: float = 0.95) -> Dict[str, Any]:
-    """Every metric of every score column, the pairwise comparisons and the case counts (numpy inside)."""
+             level: float = 0.95, reader_positive: str = rd.DEFAULT_POSITIVE) -> Dict[str, Any]:
+    """Every metric of every score column, the pairwise comparisons and the case counts (numpy inside).
+
+    Reader columns (``joined.readers``) are called positive from the grade ``reader_positive`` on, whatever
+    ``threshold`` says, and get no calibration or decision curve (grades are not probabilities)."""
     rule, fixed = parse_threshold(threshold)
+    positive = rd.positive_from(reader_positive)
+    rd.check_scales(joined.readers, positive)
     y = joined.y
-    cols = {c: column_metrics(y, joined.scores[c], rule, fixed, joined.groups, n_boot, seed, level)
-            for c in joined.columns}
+    cols = {}
+    for c in joined.columns:
+        if c in joined.readers:
+            cols[c] = column_metrics(y, joined.scores[c], "fixed", rd.GRADE_SCORE[positive], joined.groups, n_boot,
+                                     seed, level, probabilities=False)
+            cols[c]["notes"].append(f"{c}: BI-RADS grades as ordinal scores (4A = 4.0, 4B = 4.3, 4C = 4.6); "
+                                    f"positive from BI-RADS {positive.upper()} on")
+        else:
+            cols[c] = column_metrics(y, joined.scores[c], rule, fixed, joined.groups, n_boot, seed, level)
     comparisons = []
     for i, a in enumerate(joined.columns):
         for b in joined.columns[i + 1:]:
@@ -232,18 +256,22 @@ def evaluate(joined: Joined, threshold: str | float = 0.5, n_boot: int = 2000, s
         "format": FORMAT, "software": {"name": "BreastDLR", "version": __version__}, "intended_use": INTENDED_USE,
         "inputs": {"task": joined.task, "positive_class": pos, "negative_class": neg, "columns": joined.columns,
                    "threshold_rule": "youden" if rule == "youden" else str(fixed), "ci_level": level,
-                   "n_boot": int(n_boot), "seed": int(seed)},
+                   "n_boot": int(n_boot), "seed": int(seed), "readers": list(joined.readers),
+                   "reader_positive_from": positive if joined.readers else None},
         "cases": {"prediction_rows": joined.n_prediction_rows, "truth_rows": joined.n_truth_rows,
                   "evaluated": int(y.size), "positive": int(y.sum()), "negative": int((~y).sum()),
                   "excluded": {"total": int(sum(joined.excluded.values())), **joined.excluded},
                   "truth_without_prediction": joined.truth_without_prediction},
         "columns": cols, "comparisons": comparisons,
+        "reader_agreement": rd.agreement(joined.readers, positive, level) if joined.readers else None,
     }
 
 
 def column_metrics(y: np.ndarray, s: np.ndarray, rule: str, fixed: Optional[float],
-                   groups: Dict[str, Optional[List[str]]], n_boot: int, seed: int, level: float) -> Dict[str, Any]:
-    """AUC (DeLong and bootstrap CIs), ROC curve, operating point, calibration and decision curve of one score."""
+                   groups: Dict[str, Optional[List[str]]], n_boot: int, seed: int, level: float,
+                   probabilities: bool = True) -> Dict[str, Any]:
+    """AUC (DeLong and bootstrap CIs), ROC curve, operating point, calibration and decision curve of one score
+    (the last two only for ``probabilities`` within [0, 1])."""
     auc = roc_auc(y, s, level=level)
     boot = roc_auc(y, s, method="bootstrap", n_boot=n_boot, seed=seed, level=level)
     curve = roc_curve(y, s)
@@ -266,7 +294,7 @@ def column_metrics(y: np.ndarray, s: np.ndarray, rule: str, fixed: Optional[floa
                    "index": you.youden},
         "calibration": None, "brier": None, "decision_curve": None, "notes": [],
     }
-    if np.all((s >= 0) & (s <= 1)):
+    if probabilities and np.all((s >= 0) & (s <= 1)):
         cal = calibration_curve(y, s, n_bins=CALIBRATION_BINS)
         out["calibration"] = {"bin_edges": cal.bin_edges, "mean_predicted": cal.mean_predicted,
                               "observed": cal.observed, "counts": cal.counts}
@@ -274,7 +302,7 @@ def column_metrics(y: np.ndarray, s: np.ndarray, rule: str, fixed: Optional[floa
         nb = net_benefit(y, s, DECISION_THRESHOLDS)
         out["decision_curve"] = {"thresholds": nb.thresholds, "model": nb.model, "treat_all": nb.treat_all,
                                  "treat_none": nb.treat_none}
-    else:
+    elif probabilities:
         out["notes"].append("scores outside [0, 1]: no calibration, Brier score or decision curve")
     for g, values in groups.items():
         out[f"by_{g}"] = None if values is None else breakdown(y, s, values, level)
@@ -367,8 +395,10 @@ def plot_roc(metrics: Dict[str, Any], path: Path) -> None:
         ax.plot(m["roc_curve"]["fpr"], m["roc_curve"]["tpr"], color=colour,
                 label=f"{col}: AUC {a['value']:.3f} ({_ci(a['ci_low'], a['ci_high'])}, DeLong)")
         op = m["operating_point"]
+        point = (f"positive from BI-RADS {metrics['inputs']['reader_positive_from'].upper()}"
+                 if col in metrics["inputs"].get("readers", ()) else f"threshold {op['threshold']:.3g} ({op['rule']})")
         ax.plot([1 - op["specificity"]["value"]], [op["sensitivity"]["value"]], "o", color=colour, ms=7,
-                label=f"{col}: threshold {op['threshold']:.3g} ({op['rule']})")
+                label=f"{col}: {point}")
     ax.set(xlabel="1 - specificity (false-positive rate)", ylabel="sensitivity (true-positive rate)",
            xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), title="ROC curve")
     ax.legend(loc="lower right", fontsize=7)
@@ -474,7 +504,9 @@ def render_html(metrics: Dict[str, Any], images: Dict[str, bytes], sources: Tupl
     for col, m in metrics["columns"].items():
         a, op = m["auc"], m["operating_point"]
         rows.append([col, m["n"], f"{_f(a['value'])} ({_f(a['ci_low'])} to {_f(a['ci_high'])})",
-                     f"{_f(a['bootstrap_ci_low'])} to {_f(a['bootstrap_ci_high'])}", _f(op["threshold"]),
+                     f"{_f(a['bootstrap_ci_low'])} to {_f(a['bootstrap_ci_high'])}",
+                     f"BI-RADS {inp['reader_positive_from'].upper()} and above" if col in inp.get("readers", ())
+                     else _f(op["threshold"]),
                      _est(op["sensitivity"]), _est(op["specificity"]), _est(op["ppv"]), _est(op["npv"]),
                      _est(op["accuracy"]), _est(op["f1"]), _f(m["brier"])])
     parts.append("<h2>Headline numbers</h2>" + _table(
@@ -492,6 +524,21 @@ def render_html(metrics: Dict[str, Any], images: Dict[str, bytes], sources: Tupl
         if rows:
             parts.append(f"<h2>By {g}</h2>" + _table(["score", g, "n", inp["positive_class"], inp["negative_class"],
                                                         "AUC", "CI"], rows))
+    ra = metrics.get("reader_agreement")
+    if ra:
+        kap = lambda k: f"{_f(k['kappa'])} ({_f(k['ci_low'])} to {_f(k['ci_high'])})"  # noqa: E731
+        merged = " (4A-4C merged into 4: some readers do not subdivide 4)" if ra["subdivisions_merged"] else ""
+        parts.append("<h2>Reader agreement</h2>" + f"<p>Grades {', '.join(g.upper() for g in ra['categories'])}"
+                     f"{html.escape(merged)}; a call is positive from BI-RADS {html.escape(ra['positive_from'].upper())} "
+                     "on. Cohen's kappa with its large-sample CI.</p>" + _table(
+                         ["reader a", "reader b", "n", "same grade", "kappa", "kappa, linear weights",
+                          "kappa of the positive call"],
+                         [[p["a"], p["b"], p["n"], _f(p["exact_agreement"]), kap(p["kappa"]), kap(p["kappa_linear"]),
+                           kap(p["kappa_positive_call"])] for p in ra["pairs"]]))
+        if ra["fleiss"]:
+            fl = ra["fleiss"]
+            parts.append(f"<p>Fleiss' kappa over all {fl['n_raters']} readers and {fl['n_subjects']} cases: "
+                         f"{_f(fl['kappa'])} (SE {_f(fl['se'])}, p {_f(fl['p_value'], 4)}).</p>")
     notes = sorted({n for m in metrics["columns"].values() for n in m["notes"]})
     if notes:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
@@ -549,18 +596,34 @@ def write_outputs(out: Path, metrics: Dict[str, Any], tsne_doc: Optional[Dict[st
 
 def run_evaluation(predictions: str | Path, truth: str | Path, out: str | Path, *, columns: Optional[Sequence[str]] = None,
                    task: str = "malignancy", threshold: str | float = 0.5, embeddings: Optional[str | Path] = None,
-                   n_boot: int = 2000, seed: int = 0) -> Dict[str, Any]:
-    """Evaluate and write ``out``/{metrics.json, report.html, *.png}; returns the metrics (JSON-ready)."""
+                   n_boot: int = 2000, seed: int = 0, readers: Sequence[str] = (),
+                   reader_positive: str = rd.DEFAULT_POSITIVE) -> Dict[str, Any]:
+    """Evaluate and write ``out``/{metrics.json, report.html, *.png}; returns the metrics (JSON-ready).
+
+    ``readers``: columns of the predictions holding readers' BI-RADS grades (a reader study); without
+    ``columns`` they are evaluated beside the task's default score column when the predictions have one."""
     out = Path(out)
     check_out_dir(out)
     if int(n_boot) < 1:
         raise EvaluationInputError(f"--n-boot must be a positive number of resamples, got {n_boot}.")
-    cols = list(columns) if columns else [DEFAULT_COLUMN.get(task, "")]
-    if len(set(cols)) != len(cols):
-        raise EvaluationInputError("--columns names a column twice; name each score column once.")
-    joined = join_predictions(predictions, truth, cols, task)
+    readers = list(readers)
+    if columns:
+        cols = list(columns)
+    elif readers:
+        default = DEFAULT_COLUMN.get(task, "")
+        cols = [default] if default in read_table(predictions, "predictions")[0] else []
+    else:
+        cols = [DEFAULT_COLUMN.get(task, "")]
+    if len(set(cols)) != len(cols) or len(set(readers)) != len(readers):
+        raise EvaluationInputError("--columns or --readers names a column twice; name each column once.")
+    both = sorted(set(cols) & set(readers))
+    if both:
+        raise EvaluationInputError(f"{', '.join(repr(c) for c in both)} is named both as a score column and as a "
+                                   "reader column; a column is one or the other.")
+    rd.positive_from(reader_positive)  # a bad --reader-positive is refused before any file is read
+    joined = join_predictions(predictions, truth, cols, task, readers)
     emb = load_embeddings(embeddings, truth, task) if embeddings else None
-    metrics = evaluate(joined, threshold, n_boot=n_boot, seed=seed)
+    metrics = evaluate(joined, threshold, n_boot=n_boot, seed=seed, reader_positive=reader_positive)
     tsne_doc = tsne(*emb, seed=seed) if emb is not None else None
     write_outputs(out, metrics, tsne_doc, (Path(predictions).name, Path(truth).name))
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))

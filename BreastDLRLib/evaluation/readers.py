@@ -1,0 +1,122 @@
+"""Reader studies in ``breastdlr evaluate``: radiologists' BI-RADS grades as ordinal scores, and how well the
+readers agree with each other.
+
+A reader column holds one BI-RADS category per case (``3``, ``4a``, ``BI-RADS 4B``, …).  For the ROC analysis
+the categories become ordinal scores (:data:`GRADE_SCORE`: 4A = 4.0, 4B = 4.3, 4C = 4.6), so a reader's ROC
+curve and AUC are the empirical ones over their grades, as in the reader studies of the DLR papers, and a
+reader's call is positive from a chosen grade on (default 4A: biopsy recommended).  Agreement between readers
+is Cohen's kappa for each pair (unweighted and linear-weighted over the ordered grades, and on the positive
+call) and, from three readers on, Fleiss' kappa over all of them.
+
+BI-RADS 0 (incomplete) and 6 (known cancer) are not grades of suspicion and are refused; an empty cell leaves
+the case out, as for a missing score.  A reader who grades some lesions "4" and others "4A"–"4C" is refused
+(one scale per reader); when some readers use an undivided 4, agreement is measured on 4A–4C merged into 4.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import ClinicalInputError
+from ..recommend import normalise_birads
+from .stats import EvaluationInputError, cohen_kappa, fleiss_kappa
+
+GRADES = ("1", "2", "3", "4", "4a", "4b", "4c", "5")       # ordered; "4" is the undivided category
+GRADE_SCORE = {"1": 1.0, "2": 2.0, "3": 3.0, "4": 4.0, "4a": 4.0, "4b": 4.3, "4c": 4.6, "5": 5.0}
+SUBDIVIDED = ("4a", "4b", "4c")
+MISSING = {"", "nan", "na", "n/a", "none", "null"}
+DEFAULT_POSITIVE = "4a"
+
+
+def parse_grade(text: str, column: str, case_id: str) -> Optional[str]:
+    """A reader's cell as a normalised BI-RADS grade ("4a"); None when empty; an error for anything else."""
+    t = (text or "").strip()
+    if t.lower() in MISSING:
+        return None
+    try:
+        g = normalise_birads(t)
+    except ClinicalInputError:
+        raise EvaluationInputError(f"The reader column '{column}' holds '{t}' for case {case_id}, which is not a BI-RADS "
+                                   "grade; use 1, 2, 3, 4, 4A, 4B, 4C or 5 (leave the cell empty when the reader gave "
+                                   "none).") from None
+    if g == "0":
+        raise EvaluationInputError(f"The reader column '{column}' holds BI-RADS 0 (incomplete assessment) for case "
+                                   f"{case_id}; it is not a grade of suspicion. Leave the cell empty to leave the case "
+                                   "out of the reader study.")
+    if g == "6":
+        raise EvaluationInputError(f"The reader column '{column}' holds BI-RADS 6 (known biopsy-proven cancer) for case "
+                                   f"{case_id}; a diagnostic reader study grades lesions before their pathology is "
+                                   "known. Leave the cell empty to leave the case out.")
+    return g
+
+
+def positive_from(text: str) -> str:
+    """The grade from which a reader's call counts as positive (``--reader-positive``), normalised."""
+    try:
+        g = normalise_birads(str(text))
+    except ClinicalInputError:
+        g = None
+    if g not in ("2", "3", "4", "4a", "4b", "4c", "5"):
+        raise EvaluationInputError(f"--reader-positive must be a BI-RADS grade from 2 to 5 such as 4A (positive from "
+                                   f"that grade on), got '{text}'.")
+    return "4a" if g == "4" else g
+
+
+def check_scales(grades: Dict[str, Sequence[str]], positive: str) -> None:
+    """One scale per reader; a cut inside category 4 needs readers who subdivide it."""
+    for col, gs in grades.items():
+        used = set(gs)
+        if "4" in used and used & set(SUBDIVIDED):
+            sub = sorted(g.upper() for g in used & set(SUBDIVIDED))
+            raise EvaluationInputError(f"The reader column '{col}' grades some cases 4 and others {', '.join(sub)}; "
+                                       "use one scale per reader (either 4 alone, or 4A, 4B and 4C).")
+        if "4" in used and positive in ("4b", "4c"):
+            raise EvaluationInputError(f"--reader-positive {positive.upper()} falls inside category 4, but the reader "
+                                       f"column '{col}' does not subdivide 4 into 4A-4C; choose 4A or 5.")
+
+
+def reader_scores(grades: Sequence[str]) -> np.ndarray:
+    """The ordinal scores of a reader's grades (:data:`GRADE_SCORE`)."""
+    return np.array([GRADE_SCORE[g] for g in grades], dtype=float)
+
+
+def _kappa(r1, r2, weights, cats, level) -> Dict[str, Any]:
+    k = cohen_kappa(r1, r2, weights=weights, level=level, categories=cats)
+    return {"kappa": k.kappa, "se": k.se, "ci_low": k.ci_low, "ci_high": k.ci_high}
+
+
+def agreement(grades: Dict[str, Sequence[str]], positive: str = DEFAULT_POSITIVE,
+              level: float = 0.95) -> Optional[Dict[str, Any]]:
+    """Pairwise Cohen's kappa (unweighted, linear-weighted, positive call) and, from three readers on, Fleiss'
+    kappa over the ordered grades; None with fewer than two readers."""
+    names = list(grades)
+    if len(names) < 2:
+        return None
+    merged = any("4" in set(gs) for gs in grades.values())
+    norm = {c: ["4" if merged and g in SUBDIVIDED else g for g in gs] for c, gs in grades.items()}
+    cats = [g for g in GRADES if any(g in set(gs) for gs in norm.values())]
+    cut = GRADE_SCORE[positive]
+    pairs: List[Dict[str, Any]] = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ra, rb = norm[a], norm[b]
+            ca = [GRADE_SCORE[g] >= cut for g in grades[a]]
+            cb = [GRADE_SCORE[g] >= cut for g in grades[b]]
+            pairs.append({"a": a, "b": b, "n": len(ra),
+                          "exact_agreement": float(np.mean([x == y for x, y in zip(ra, rb)])),
+                          "kappa": _kappa(ra, rb, None, cats, level),
+                          "kappa_linear": _kappa(ra, rb, "linear", cats, level),
+                          "kappa_positive_call": _kappa(ca, cb, None, [False, True], level)})
+    fleiss = None
+    if len(names) >= 3:
+        counts = np.zeros((len(norm[names[0]]), max(2, len(cats))))  # one grade only: kappa undefined (NaN)
+        index = {g: j for j, g in enumerate(cats)}
+        for gs in norm.values():
+            for s, g in enumerate(gs):
+                counts[s, index[g]] += 1
+        f = fleiss_kappa(counts)
+        fleiss = {"kappa": f.kappa, "se": f.se, "z": f.z, "p_value": f.p_value, "n_subjects": f.n_subjects,
+                  "n_raters": f.n_raters}
+    return {"readers": names, "categories": cats, "subdivisions_merged": merged,
+            "positive_from": positive, "pairs": pairs, "fleiss": fleiss}
