@@ -20,12 +20,11 @@ import numpy as np
 
 from ..errors import ClinicalInputError
 from ..recommend import normalise_birads
-from .stats import EvaluationInputError, cohen_kappa, fleiss_kappa
+from .stats import MISSING, EvaluationInputError, cohen_kappa, fleiss_kappa
 
 GRADES = ("1", "2", "3", "4", "4a", "4b", "4c", "5")       # ordered; "4" is the undivided category
 GRADE_SCORE = {"1": 1.0, "2": 2.0, "3": 3.0, "4": 4.0, "4a": 4.0, "4b": 4.3, "4c": 4.6, "5": 5.0}
 SUBDIVIDED = ("4a", "4b", "4c")
-MISSING = {"", "nan", "na", "n/a", "none", "null"}
 DEFAULT_POSITIVE = "4a"
 
 

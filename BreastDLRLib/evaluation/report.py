@@ -27,7 +27,7 @@ from .. import __version__
 from ..errors import InputError
 from ..training.data import RISK_HIGH, RISK_LOW
 from . import readers as rd
-from .stats import (EvaluationInputError, binary_metrics, calibration_curve, delong_test, mcnemar, net_benefit,
+from .stats import (MISSING, EvaluationInputError, binary_metrics, calibration_curve, delong_test, mcnemar, net_benefit,
                     roc_auc, roc_curve, youden_threshold)
 
 FORMAT = "breastdlr-evaluation/1"
@@ -35,7 +35,6 @@ INTENDED_USE = "Research use only. Not a medical device; not for diagnosis or tr
 DEFAULT_COLUMN = {"malignancy": "probability_malignant", "risk": "probability_high_risk"}
 CLASS_NAMES = {"malignancy": ("benign", "malignant"), "risk": ("BI-RADS 2-3", "BI-RADS 4-5")}
 TRUTH_COLUMN = {"malignancy": "label", "risk": "birads"}
-MISSING = {"", "nan", "na", "n/a", "none", "null"}
 REASONS = ("not_in_truth", "no_reference_label", "prediction_error", "missing_score")
 GROUP_COLUMNS = ("dataset", "device")         # from the truth manifest
 PREDICTION_GROUP_COLUMNS = ("outline",)         # from the predictions (``predict`` writes who drew the outline)

@@ -52,6 +52,9 @@ __all__ = [
 ]
 
 
+MISSING = {"", "nan", "na", "n/a", "none", "null"}   # table cells that mean "no value" (any case)
+
+
 class EvaluationInputError(BreastDLRError, ValueError):
     """Labels, scores or counts that cannot be evaluated as given (also a ValueError)."""
 

@@ -30,6 +30,17 @@ def _few_threads():
     yield
 
 
+def write_csv(path: Path, header, rows) -> Path:
+    """A small CSV table for a test (header, then rows)."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
 def make_tiny_bundles(folder: Path, seg_bias: float = 5.0, seed: int = 0) -> dict:
     """Small real bundles for pipeline tests (built and saved through the product's own code).
 

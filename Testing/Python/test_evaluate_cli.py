@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_csv as _write
 
 from BreastDLRLib.cli import main
 from BreastDLRLib.evaluation import delong_test, mcnemar, proportion_ci, roc_auc, youden_threshold
@@ -36,14 +37,6 @@ CASES = [
 #   beat 7 + 7 + 3 + 7 + 5 = 29 of 35 pairs; dataset A: .9 .7 .3 vs .4 .2 .6 -> 3 + 3 + 1 = 7 of 9;
 #   dataset B: .8 .45 vs .1 .5 .35 .05 -> 4 + 3 = 7 of 8.
 HAND = {"tp": 3, "fp": 2, "tn": 5, "fn": 2, "auc": 29 / 35, "auc_A": 7 / 9, "auc_B": 7 / 8}
-
-
-def _write(path: Path, header, rows) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 @pytest.fixture()

@@ -5,12 +5,12 @@ against R (vcd, irr, pROC) in test_evaluation_stats.py.
 """
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_csv as _write
 
 from BreastDLRLib.cli import main
 from BreastDLRLib.evaluation import cohen_kappa, delong_test, fleiss_kappa, report
@@ -42,14 +42,6 @@ CASES = [
 #   kappa = (13/30 - 7/30) / (1 - 7/30) = 6/23.
 COUNTS = [[0, 0, 0, 0, 1, 2], [0, 0, 1, 2, 0, 0], [0, 1, 1, 1, 0, 0], [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 0],
           [0, 3, 0, 0, 0, 0], [2, 1, 0, 0, 0, 0], [0, 0, 2, 1, 0, 0], [0, 2, 1, 0, 0, 0], [3, 0, 0, 0, 0, 0]]
-
-
-def _write(path: Path, header, rows) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 @pytest.fixture()
