@@ -23,6 +23,9 @@ def register(sub) -> None:
     e.add_argument("--readers", help="comma-separated columns of readers' BI-RADS grades (a reader study): each "
                                      "gets its ROC/AUC over the grades, sensitivity and specificity, DeLong and "
                                      "McNemar against the other columns; two or more also get Cohen's and Fleiss' kappa")
+    e.add_argument("--aided", help="comma-separated columns of the same readers' grades read with the AI's help, in "
+                                   "the order of --readers: adds an Obuchowski-Rockette MRMC analysis (random readers "
+                                   "and cases) of unaided against aided reading")
     e.add_argument("--reader-positive", default="4a",
                    help="a reader's call is positive from this BI-RADS grade on (default 4A: biopsy recommended)")
     e.add_argument("--embeddings", help="npz with arrays case_id and embedding: adds a t-SNE plot")
@@ -36,9 +39,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     columns = [c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None
     readers = [c.strip() for c in a.readers.split(",") if c.strip()] if a.readers else []
+    aided = [c.strip() for c in a.aided.split(",") if c.strip()] if a.aided else []
     m = run_evaluation(a.predictions, a.truth, a.out, columns=columns, task=a.task, threshold=a.threshold,
                        embeddings=a.embeddings, n_boot=a.n_boot, seed=a.seed, readers=readers,
-                       reader_positive=a.reader_positive)
+                       reader_positive=a.reader_positive, aided=aided)
     c = m["cases"]
     print(f"{c['evaluated']} cases evaluated ({c['positive']} {m['inputs']['positive_class']}, {c['negative']} "
           f"{m['inputs']['negative_class']}); {c['excluded']['total']} prediction rows excluded")
@@ -56,9 +60,20 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
               f"(95% CI {_f(k['ci_low'])} to {_f(k['ci_high'])})")
     if ra and ra["fleiss"]:
         print(f"  Fleiss' kappa over {ra['fleiss']['n_raters']} readers: {_f(ra['fleiss']['kappa'])}")
+    rb = m.get("reader_agreement_aided")
+    if rb and rb["fleiss"]:
+        print(f"  Fleiss' kappa over the {rb['fleiss']['n_raters']} readers reading with the AI: {_f(rb['fleiss']['kappa'])}")
+    mr = m.get("mrmc")
+    if mr:
+        d, t = mr["rrrc"]["differences"][0], mr["rrrc"]
+        means = mr["rrrc"]["means"]
+        print(f"  MRMC (Obuchowski-Rockette, random readers and cases; {len(mr['readers'])} readers): reader-averaged AUC "
+              f"unaided {_f(means[0]['estimate'])}, aided {_f(means[1]['estimate'])}; aided - unaided "
+              f"{_f(-d['estimate'])} (95% CI {_f(-d['ci_high'])} to {_f(-d['ci_low'])}), F({t['ndf']:.0f}, "
+              f"{_f(t['ddf'], 2)}) = {_f(t['statistic'], 2)}, p = {_f(t['p_value'], 4)}")
     print(f"report: {Path(a.out) / 'report.html'}")
     return 0
 
 
-def _f(v) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
+def _f(v, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"

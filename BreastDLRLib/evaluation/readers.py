@@ -119,3 +119,22 @@ def agreement(grades: Dict[str, Sequence[str]], positive: str = DEFAULT_POSITIVE
                   "n_raters": f.n_raters}
     return {"readers": names, "categories": cats, "subdivisions_merged": merged,
             "positive_from": positive, "pairs": pairs, "fleiss": fleiss}
+
+
+def mrmc_unaided_vs_aided(y: np.ndarray, scores: Dict[str, np.ndarray], pairs: Sequence[Sequence[str]],
+                          level: float = 0.95) -> Dict[str, Any]:
+    """Obuchowski-Rockette MRMC analysis of the readers' AUCs without and with the AI (:mod:`.mrmc`).
+
+    ``pairs`` are (unaided column, aided column) of each reader; every reader graded every case both ways (the
+    cases with a missing grade were left out before).  The reader is named by the unaided column."""
+    from .mrmc import obuchowski_rockette
+
+    if len(pairs) < 2:
+        raise EvaluationInputError("An MRMC analysis of aided reading needs at least two readers, each with an "
+                                   "unaided and an aided column (--readers r1,r2 --aided r1_ai,r2_ai).")
+    ratings = np.array([[scores[u] for u, _ in pairs], [scores[a] for _, a in pairs]])
+    res = obuchowski_rockette(y, ratings, modalities=["unaided", "aided"], readers=[u for u, _ in pairs],
+                              level=level)
+    out = res.to_dict()
+    out["aided_columns"] = {u: a for u, a in pairs}
+    return out

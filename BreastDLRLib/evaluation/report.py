@@ -40,7 +40,7 @@ GROUP_COLUMNS = ("dataset", "device")         # from the truth manifest
 PREDICTION_GROUP_COLUMNS = ("outline",)         # from the predictions (``predict`` writes who drew the outline)
 DECISION_THRESHOLDS = np.arange(1, 100) / 100.0
 CALIBRATION_BINS = 10
-PLOTS = ("roc.png", "calibration.png", "decision_curve.png", "confusion_matrix.png", "tsne.png")
+PLOTS = ("roc.png", "calibration.png", "decision_curve.png", "confusion_matrix.png", "mrmc.png", "tsne.png")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -227,11 +227,14 @@ def parse_threshold(text: str | float) -> Tuple[str, Optional[float]]:
 
 # ---------------------------------------------------------------------------------------------- metrics
 def evaluate(joined: Joined, threshold: str | float = 0.5, n_boot: int = 2000, seed: int = 0,
-             level: float = 0.95, reader_positive: str = rd.DEFAULT_POSITIVE) -> Dict[str, Any]:
+             level: float = 0.95, reader_positive: str = rd.DEFAULT_POSITIVE,
+             aided: Sequence[Tuple[str, str]] = ()) -> Dict[str, Any]:
     """Every metric of every score column, the pairwise comparisons and the case counts (numpy inside).
 
     Reader columns (``joined.readers``) are called positive from the grade ``reader_positive`` on, whatever
-    ``threshold`` says, and get no calibration or decision curve (grades are not probabilities)."""
+    ``threshold`` says, and get no calibration or decision curve (grades are not probabilities).  ``aided`` pairs
+    each reader's column with the column of the same reader's grades read with the AI's help: the study then gets
+    an Obuchowski-Rockette MRMC analysis of unaided against aided reading (:mod:`.mrmc`)."""
     rule, fixed = parse_threshold(threshold)
     positive = rd.positive_from(reader_positive)
     rd.check_scales(joined.readers, positive)
@@ -251,6 +254,8 @@ def evaluate(joined: Joined, threshold: str | float = 0.5, n_boot: int = 2000, s
             comparisons.append(compare(y, joined.scores[a], joined.scores[b], cols[a]["operating_point"]["threshold"],
                                        cols[b]["operating_point"]["threshold"], a, b, level))
     neg, pos = CLASS_NAMES[joined.task]
+    with_ai = {a: joined.readers[a] for _, a in aided}
+    unaided = {c: g for c, g in joined.readers.items() if c not in with_ai}
     return {
         "format": FORMAT, "software": {"name": "BreastDLR", "version": __version__}, "intended_use": INTENDED_USE,
         "inputs": {"task": joined.task, "positive_class": pos, "negative_class": neg, "columns": joined.columns,
@@ -262,7 +267,11 @@ def evaluate(joined: Joined, threshold: str | float = 0.5, n_boot: int = 2000, s
                   "excluded": {"total": int(sum(joined.excluded.values())), **joined.excluded},
                   "truth_without_prediction": joined.truth_without_prediction},
         "columns": cols, "comparisons": comparisons,
-        "reader_agreement": rd.agreement(joined.readers, positive, level) if joined.readers else None,
+        # a reader's aided grades are not another reader: with --aided, agreement is measured among the unaided
+        # grades and, separately, among the aided ones
+        "reader_agreement": rd.agreement(unaided, positive, level) if unaided else None,
+        "reader_agreement_aided": rd.agreement(with_ai, positive, level) if with_ai else None,
+        "mrmc": rd.mrmc_unaided_vs_aided(y, joined.scores, aided, level) if aided else None,
     }
 
 
@@ -460,6 +469,22 @@ def plot_confusion(metrics: Dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_mrmc(mr: Dict[str, Any], path: Path) -> None:
+    """Each reader's AUC without and with the AI (one line per reader) and the reader-averaged AUCs with their
+    random-reader random-case intervals."""
+    fig, ax = _figure(4.8, 4.2)
+    for r in mr["readers"]:
+        ax.plot([0, 1], [mr["auc"]["unaided"][r], mr["auc"]["aided"][r]], "o-", color="0.6", lw=1)
+    for i, m in enumerate(mr["rrrc"]["means"]):
+        ax.errorbar([i + 0.08], [m["estimate"]], yerr=[[m["estimate"] - m["ci_low"]], [m["ci_high"] - m["estimate"]]],
+                    fmt="s", color="C3", capsize=4, label=f"reader average, {mr['level']:.0%} CI (RRRC)" if i == 0 else None)
+    t = mr["rrrc"]
+    ax.set_xticks([0, 1], ["unaided", "aided"])
+    ax.set(xlim=(-0.3, 1.3), ylabel="AUC", title=f"{len(mr['readers'])} readers; RRRC p = {_f(t['p_value'], 4)}")
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
 def plot_tsne(doc: Dict[str, Any], names: Tuple[str, str], path: Path) -> None:
     fig, ax = _figure(5.5, 5.0)
     lab = np.asarray(doc["label"], dtype=bool)
@@ -523,11 +548,14 @@ def render_html(metrics: Dict[str, Any], images: Dict[str, bytes], sources: Tupl
         if rows:
             parts.append(f"<h2>By {g}</h2>" + _table(["score", g, "n", inp["positive_class"], inp["negative_class"],
                                                         "AUC", "CI"], rows))
-    ra = metrics.get("reader_agreement")
-    if ra:
+    for key, title in (("reader_agreement", "Reader agreement"),
+                       ("reader_agreement_aided", "Reader agreement, reading with the AI's help")):
+        ra = metrics.get(key)
+        if not ra:
+            continue
         kap = lambda k: f"{_f(k['kappa'])} ({_f(k['ci_low'])} to {_f(k['ci_high'])})"  # noqa: E731
         merged = " (4A-4C merged into 4: some readers do not subdivide 4)" if ra["subdivisions_merged"] else ""
-        parts.append("<h2>Reader agreement</h2>" + f"<p>Grades {', '.join(g.upper() for g in ra['categories'])}"
+        parts.append(f"<h2>{title}</h2>" + f"<p>Grades {', '.join(g.upper() for g in ra['categories'])}"
                      f"{html.escape(merged)}; a call is positive from BI-RADS {html.escape(ra['positive_from'].upper())} "
                      "on. Cohen's kappa with its large-sample CI.</p>" + _table(
                          ["reader a", "reader b", "n", "same grade", "kappa", "kappa, linear weights",
@@ -538,6 +566,9 @@ def render_html(metrics: Dict[str, Any], images: Dict[str, bytes], sources: Tupl
             fl = ra["fleiss"]
             parts.append(f"<p>Fleiss' kappa over all {fl['n_raters']} readers and {fl['n_subjects']} cases: "
                          f"{_f(fl['kappa'])} (SE {_f(fl['se'])}, p {_f(fl['p_value'], 4)}).</p>")
+    mr = metrics.get("mrmc")
+    if mr:
+        parts.append(_mrmc_html(mr))
     notes = sorted({n for m in metrics["columns"].values() for n in m["notes"]})
     if notes:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
@@ -552,6 +583,38 @@ def render_html(metrics: Dict[str, Any], images: Dict[str, bytes], sources: Tupl
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>BreastDLR evaluation</title>"
             f"<style>{style}</style></head><body><div class=\"banner\">{html.escape(INTENDED_USE)}</div>"
             + "\n".join(parts) + f"<p><small>BreastDLR {html.escape(__version__)}</small></p></body></html>\n")
+
+
+def _mrmc_html(mr: Dict[str, Any]) -> str:
+    """The MRMC section of report.html: per-reader AUCs, the three generalisations, each reader's difference."""
+    ci = lambda lo, hi: f"{_f(lo)} to {_f(hi)}"  # noqa: E731
+    rows = [[r, mr["aided_columns"][r], _f(mr["auc"]["unaided"][r]), _f(mr["auc"]["aided"][r]),
+             _f(mr["auc"]["aided"][r] - mr["auc"]["unaided"][r])] for r in mr["readers"]]
+    out = ["<h2>Multi-reader multi-case analysis: unaided against aided reading</h2>",
+           f"<p>Obuchowski-Rockette analysis of the readers' empirical AUCs (Hillis degrees of freedom; case-sampling "
+           f"covariances by the {html.escape(mr['covariance'])}), {len(mr['readers'])} readers, {mr['n_diseased']} "
+           f"diseased and {mr['n_nondiseased']} non-diseased cases graded both ways. Differences are aided minus "
+           "unaided.</p>",
+           _table(["reader (unaided column)", "aided column", "AUC unaided", "AUC aided", "difference"], rows)]
+    gen = []
+    for key, name in (("rrrc", "random readers, random cases"), ("frrc", "fixed readers, random cases"),
+                      ("rrfc", "random readers, fixed cases")):
+        a = mr[key]
+        d = a["differences"][0]
+        test = (f"chi-square({a['ndf']:.0f}) = {_f(a['statistic'], 2)}" if key == "frrc"
+                else f"F({a['ndf']:.0f}, {_f(a['ddf'], 2)}) = {_f(a['statistic'], 2)}")
+        gen.append([name, _f(a["means"][0]["estimate"]), _f(a["means"][1]["estimate"]), _f(-d["estimate"]),
+                    ci(-d["ci_high"], -d["ci_low"]), test, _f(a["p_value"], 4)])
+    out.append(_table(["generalises to", "AUC unaided", "AUC aided", "difference", f"{mr['level']:.0%} CI", "test", "p"],
+                      gen))
+    out.append(_table(["reader", "difference", f"{mr['level']:.0%} CI", "z", "p"],
+                      [[d["a"].split(":")[0], _f(-d["estimate"]), ci(-d["ci_high"], -d["ci_low"]),
+                        _f(None if d["statistic"] is None else -d["statistic"], 2), _f(d["p_value"], 4)]
+                       for d in mr["per_reader"]]))
+    vc = mr["variance_components"]
+    out.append(f"<p>Variance components: reader {vc['var_r']:.3g}, treatment-by-reader {vc['var_tr']:.3g}, error "
+               f"{vc['var']:.3g}, Cov1 {vc['cov1']:.3g}, Cov2 {vc['cov2']:.3g}, Cov3 {vc['cov3']:.3g}.</p>")
+    return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -573,6 +636,8 @@ def write_outputs(out: Path, metrics: Dict[str, Any], tsne_doc: Optional[Dict[st
         if any(m["calibration"] is not None for m in metrics["columns"].values()):
             plot_calibration(metrics, tmp / "calibration.png")
             plot_decision_curve(metrics, tmp / "decision_curve.png")
+        if metrics.get("mrmc"):
+            plot_mrmc(metrics["mrmc"], tmp / "mrmc.png")
         doc = dict(metrics, tsne=tsne_doc)
         if tsne_doc is not None:
             plot_tsne(tsne_doc, CLASS_NAMES[metrics["inputs"]["task"]], tmp / "tsne.png")
@@ -596,16 +661,24 @@ def write_outputs(out: Path, metrics: Dict[str, Any], tsne_doc: Optional[Dict[st
 def run_evaluation(predictions: str | Path, truth: str | Path, out: str | Path, *, columns: Optional[Sequence[str]] = None,
                    task: str = "malignancy", threshold: str | float = 0.5, embeddings: Optional[str | Path] = None,
                    n_boot: int = 2000, seed: int = 0, readers: Sequence[str] = (),
-                   reader_positive: str = rd.DEFAULT_POSITIVE) -> Dict[str, Any]:
+                   reader_positive: str = rd.DEFAULT_POSITIVE, aided: Sequence[str] = ()) -> Dict[str, Any]:
     """Evaluate and write ``out``/{metrics.json, report.html, *.png}; returns the metrics (JSON-ready).
 
     ``readers``: columns of the predictions holding readers' BI-RADS grades (a reader study); without
-    ``columns`` they are evaluated beside the task's default score column when the predictions have one."""
+    ``columns`` they are evaluated beside the task's default score column when the predictions have one.
+    ``aided``: for each reader column, in the same order, the column of that reader's grades read with the AI's
+    help; they are evaluated as reader columns too, and the study gets an MRMC analysis of unaided against aided
+    reading (every reader graded the cases both ways; a case with any grade missing is left out)."""
     out = Path(out)
     check_out_dir(out)
     if int(n_boot) < 1:
         raise EvaluationInputError(f"--n-boot must be a positive number of resamples, got {n_boot}.")
-    readers = list(readers)
+    aided = list(aided)
+    if aided and len(aided) != len(readers):
+        raise EvaluationInputError(f"--aided names {len(aided)} column(s) but --readers names {len(readers)}; give one "
+                                   "aided column per reader, in the order of --readers.")
+    pairs = list(zip(readers, aided))
+    readers = [*readers, *aided]
     if columns:
         cols = list(columns)
     elif readers:
@@ -614,7 +687,7 @@ def run_evaluation(predictions: str | Path, truth: str | Path, out: str | Path, 
     else:
         cols = [DEFAULT_COLUMN.get(task, "")]
     if len(set(cols)) != len(cols) or len(set(readers)) != len(readers):
-        raise EvaluationInputError("--columns or --readers names a column twice; name each column once.")
+        raise EvaluationInputError("--columns, --readers or --aided names a column twice; name each column once.")
     both = sorted(set(cols) & set(readers))
     if both:
         raise EvaluationInputError(f"{', '.join(repr(c) for c in both)} is named both as a score column and as a "
@@ -622,7 +695,7 @@ def run_evaluation(predictions: str | Path, truth: str | Path, out: str | Path, 
     rd.positive_from(reader_positive)  # a bad --reader-positive is refused before any file is read
     joined = join_predictions(predictions, truth, cols, task, readers)
     emb = load_embeddings(embeddings, truth, task) if embeddings else None
-    metrics = evaluate(joined, threshold, n_boot=n_boot, seed=seed, reader_positive=reader_positive)
+    metrics = evaluate(joined, threshold, n_boot=n_boot, seed=seed, reader_positive=reader_positive, aided=pairs)
     tsne_doc = tsne(*emb, seed=seed) if emb is not None else None
     write_outputs(out, metrics, tsne_doc, (Path(predictions).name, Path(truth).name))
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))

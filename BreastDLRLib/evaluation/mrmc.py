@@ -1,0 +1,256 @@
+"""Multi-reader multi-case (MRMC) ROC analysis: the Obuchowski-Rockette method with Hillis' degrees of freedom.
+
+The design of the reader studies in the DLR papers: J readers each read the same K cases in I modalities (for
+example without and then with the AI's help), and the question is whether the reader-averaged AUC differs between
+the modalities when both readers and cases are a sample (random-reader random-case, RRRC), the readers are fixed
+and only the cases a sample (FRRC), or the cases are fixed (RRFC).
+
+The figure of merit is the empirical (Wilcoxon) AUC of each modality-reader pair.  Its case-sampling
+covariances come from the jackknife over cases (the default, as in OR-DBM MRMC and RJafroc) or from DeLong's
+structural components.  Formulas: Obuchowski & Rockette 1995; Hillis 2007 (the denominator degrees of freedom
+of the RRRC test) and Hillis et al. 2008; the variance-component notation is that of Chakraborty's
+*Observer Performance Methods* (RJafroc).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from scipy import stats as _st
+
+from .stats import EvaluationInputError, _binary, delong_placements
+
+COVARIANCE_METHODS = ("jackknife", "delong")
+
+
+@dataclass
+class TreatmentDifference:
+    """A difference of reader-averaged AUCs (modality a minus modality b) with its test and interval."""
+    a: str
+    b: str
+    estimate: float
+    std_err: float
+    df: float                       # inf for the normal (z) approximation of FRRC
+    statistic: float                # t (or z)
+    p_value: float
+    ci_low: float
+    ci_high: float
+
+
+@dataclass
+class TreatmentMean:
+    """One modality's reader-averaged AUC with its interval."""
+    modality: str
+    estimate: float
+    std_err: float
+    df: float
+    ci_low: float
+    ci_high: float
+
+
+@dataclass
+class ORAnalysis:
+    """One generalisation (RRRC, FRRC or RRFC): the overall test and the intervals."""
+    statistic: float                # F (RRRC, RRFC) or chi-square (FRRC)
+    ndf: float
+    ddf: float                      # inf for FRRC's chi-square
+    p_value: float
+    differences: List[TreatmentDifference]
+    means: List[TreatmentMean]
+
+
+@dataclass
+class MRMCResult:
+    modalities: List[str]
+    readers: List[str]
+    n_diseased: int
+    n_nondiseased: int
+    covariance: str
+    level: float
+    auc: np.ndarray                 # (modalities, readers)
+    ms_t: float
+    ms_r: float
+    ms_tr: float
+    var: float                      # error variance (mean of the AUCs' case-sampling variances)
+    cov1: float                     # same reader, different modality
+    cov2: float                     # same modality, different readers
+    cov3: float                     # different modality and reader
+    var_r: float                    # reader variance component
+    var_tr: float                   # modality-by-reader variance component
+    rrrc: ORAnalysis
+    frrc: ORAnalysis
+    rrfc: ORAnalysis
+    per_reader: List[TreatmentDifference] = field(default_factory=list)   # FRRC, each reader on their own
+
+    def to_dict(self) -> Dict:
+        """Plain JSON values (NaN and infinite degrees of freedom as None)."""
+        def plain(v):
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [plain(x) for x in v]
+            if isinstance(v, (float, np.floating)):
+                return float(v) if np.isfinite(v) else None
+            return v
+
+        def an(a: ORAnalysis):
+            return {"statistic": a.statistic, "ndf": a.ndf, "ddf": a.ddf, "p_value": a.p_value,
+                    "differences": [asdict(d) for d in a.differences], "means": [asdict(m) for m in a.means]}
+
+        return plain({
+            "method": "Obuchowski-Rockette, Hillis degrees of freedom", "figure_of_merit": "empirical AUC",
+            "covariance": self.covariance, "level": self.level, "modalities": self.modalities, "readers": self.readers,
+            "n_diseased": self.n_diseased, "n_nondiseased": self.n_nondiseased,
+            "auc": {m: {r: float(self.auc[i, j]) for j, r in enumerate(self.readers)} for i, m in enumerate(self.modalities)},
+            "anova": {"ms_t": self.ms_t, "ms_r": self.ms_r, "ms_tr": self.ms_tr},
+            "variance_components": {"var": self.var, "cov1": self.cov1, "cov2": self.cov2, "cov3": self.cov3,
+                                    "var_r": self.var_r, "var_tr": self.var_tr},
+            "rrrc": an(self.rrrc), "frrc": an(self.frrc), "rrfc": an(self.rrfc),
+            "per_reader": [asdict(d) for d in self.per_reader],
+        })
+
+
+def _aucs_and_covariance(y: np.ndarray, ratings: np.ndarray, method: str):
+    """AUC per (modality, reader) and the covariance matrix of the flattened AUCs over case sampling."""
+    i_n, j_n, k_n = ratings.shape
+    flat = ratings.reshape(i_n * j_n, k_n)
+    m, n = int(y.sum()), int((~y).sum())
+    aucs, v10s, v01s = [], [], []
+    for row in flat:
+        a, v10, v01 = delong_placements(y, row)
+        aucs.append(a), v10s.append(v10), v01s.append(v01)
+    aucs = np.array(aucs)
+    v10s, v01s = np.array(v10s), np.array(v01s)
+    if method == "delong":
+        cov = np.cov(v10s, ddof=1) / m + np.cov(v01s, ddof=1) / n
+    else:
+        # the AUC with each case left out, from the placement values (no AUC is recomputed): leaving out a
+        # diseased case removes its row of comparisons, leaving out a control its column
+        jk = np.empty((flat.shape[0], k_n))
+        jk[:, y] = (m * aucs[:, None] - v10s) / (m - 1)
+        jk[:, ~y] = (n * aucs[:, None] - v01s) / (n - 1)
+        dev = jk - jk.mean(axis=1, keepdims=True)
+        cov = (k_n - 1) / k_n * dev @ dev.T
+    return aucs.reshape(i_n, j_n), np.atleast_2d(cov)
+
+
+def _mean_off(cov4: np.ndarray, same_t: bool, same_r: bool) -> float:
+    """Mean of the covariances between (i, j) and (i', j') with i == i' iff ``same_t`` and j == j' iff ``same_r``."""
+    i_n, j_n = cov4.shape[:2]
+    vals = [cov4[i, j, ip, jp] for i in range(i_n) for j in range(j_n) for ip in range(i_n) for jp in range(j_n)
+            if (i == ip) == same_t and (j == jp) == same_r]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def obuchowski_rockette(y_true, ratings, modalities: Optional[Sequence[str]] = None,
+                        readers: Optional[Sequence[str]] = None, covariance: str = "jackknife",
+                        level: float = 0.95) -> MRMCResult:
+    """Obuchowski-Rockette MRMC analysis of ``ratings`` (modalities x readers x cases) against ``y_true``.
+
+    Every reader rates every case in every modality (the fully crossed design); higher ratings mean more
+    suspicion.  Needs at least two modalities, two readers, and two diseased and two non-diseased cases.
+    """
+    if covariance not in COVARIANCE_METHODS:
+        raise EvaluationInputError(f'Unknown covariance method "{covariance}"; use one of: {", ".join(COVARIANCE_METHODS)}.')
+    if not 0.0 < level < 1.0:
+        raise EvaluationInputError(f"Confidence level must be between 0 and 1 (e.g. 0.95), got {level}.")
+    r = np.asarray(ratings, dtype=float)
+    if r.ndim != 3:
+        raise EvaluationInputError(f"MRMC ratings must be modalities x readers x cases, got an array of {r.ndim} dimensions.")
+    i_n, j_n, k_n = r.shape
+    y = _binary(y_true)
+    if y.size != k_n:
+        raise EvaluationInputError(f"{k_n} cases were rated but {y.size} truths were given.")
+    if i_n < 2 or j_n < 2:
+        raise EvaluationInputError(f"An MRMC analysis needs at least two modalities and two readers; got {i_n} "
+                                   f"modalit{'y' if i_n == 1 else 'ies'} and {j_n} reader{'' if j_n == 1 else 's'}.")
+    if not np.isfinite(r).all():
+        raise EvaluationInputError("Every reader must rate every case in every modality (a fully crossed study); "
+                                   "some ratings are missing or not numbers.")
+    if y.sum() < 2 or (~y).sum() < 2:
+        raise EvaluationInputError("An MRMC analysis needs at least two diseased and two non-diseased cases.")
+    modalities = [str(m) for m in (modalities or [f"modality{i}" for i in range(i_n)])]
+    readers = [str(x) for x in (readers or [f"reader{j}" for j in range(j_n)])]
+    if len(modalities) != i_n or len(readers) != j_n:
+        raise EvaluationInputError("The modality and reader names must match the ratings' shape.")
+
+    auc, cov = _aucs_and_covariance(y, r, covariance)
+    cov4 = cov.reshape(i_n, j_n, i_n, j_n)
+    var = float(np.mean([cov4[i, j, i, j] for i in range(i_n) for j in range(j_n)]))
+    cov1 = _mean_off(cov4, same_t=False, same_r=True)
+    cov2 = _mean_off(cov4, same_t=True, same_r=False)
+    cov3 = _mean_off(cov4, same_t=False, same_r=False)
+
+    grand = auc.mean()
+    t_means, r_means = auc.mean(axis=1), auc.mean(axis=0)
+    ms_t = j_n * float(((t_means - grand) ** 2).sum()) / (i_n - 1)
+    ms_r = i_n * float(((r_means - grand) ** 2).sum()) / (j_n - 1)
+    ms_tr = float(((auc - t_means[:, None] - r_means[None, :] + grand) ** 2).sum()) / ((i_n - 1) * (j_n - 1))
+    var_tr = ms_tr - var + cov1 + cov2 - cov3
+    var_r = (ms_r - var_tr - var - (i_n - 1) * cov1 + cov2 + (i_n - 1) * cov3) / i_n
+    alpha = 1.0 - level
+    pairs = list(combinations(range(i_n), 2))
+
+    def diffs(se: float, df: float) -> List[TreatmentDifference]:
+        out = []
+        crit = _st.norm.ppf(1 - alpha / 2) if not np.isfinite(df) else _st.t.ppf(1 - alpha / 2, df)
+        for a, b in pairs:
+            est = float(t_means[a] - t_means[b])
+            stat = est / se if se > 0 else float("nan")
+            p = float(2 * (_st.norm.sf(abs(stat)) if not np.isfinite(df) else _st.t.sf(abs(stat), df)))
+            out.append(TreatmentDifference(modalities[a], modalities[b], est, se, df, stat, p,
+                                           float(est - crit * se), float(est + crit * se)))
+        return out
+
+    def mean_ci(i: int, se: float, df: float) -> TreatmentMean:
+        crit = _st.norm.ppf(1 - alpha / 2) if not np.isfinite(df) else _st.t.ppf(1 - alpha / 2, df)
+        return TreatmentMean(modalities[i], float(t_means[i]), se, df, float(t_means[i] - crit * se),
+                             float(t_means[i] + crit * se))
+
+    # per-modality quantities (reader mean square, variance and Cov2 of one modality)
+    ms_r_i = [float(((auc[i] - t_means[i]) ** 2).sum()) / (j_n - 1) for i in range(i_n)]
+    var_i = [float(np.mean([cov4[i, j, i, j] for j in range(j_n)])) for i in range(i_n)]
+    cov2_i = [float(np.mean([cov4[i, j, i, jp] for j in range(j_n) for jp in range(j_n) if j != jp])) for i in range(i_n)]
+
+    # random readers, random cases (Hillis 2007 ddf)
+    den = ms_tr + j_n * max(cov2 - cov3, 0.0)
+    f_rrrc = ms_t / den if den > 0 else float("nan")
+    ddf = den ** 2 / (ms_tr ** 2 / ((i_n - 1) * (j_n - 1))) if ms_tr > 0 else float("inf")
+    rrrc_means = []
+    for i in range(i_n):
+        den_i = ms_r_i[i] + j_n * max(cov2_i[i], 0.0)
+        df_i = den_i ** 2 / ms_r_i[i] ** 2 * (j_n - 1) if ms_r_i[i] > 0 else float("inf")
+        rrrc_means.append(mean_ci(i, float(np.sqrt(den_i / j_n)), df_i))
+    rrrc = ORAnalysis(f_rrrc, i_n - 1, ddf, float(_st.f.sf(f_rrrc, i_n - 1, ddf)) if np.isfinite(f_rrrc) else float("nan"),
+                      diffs(float(np.sqrt(2 * den / j_n)), ddf), rrrc_means)
+
+    # fixed readers, random cases: a chi-square test
+    den_f = var - cov1 + (j_n - 1) * max(cov2 - cov3, 0.0)
+    chi2 = (i_n - 1) * ms_t / den_f if den_f > 0 else float("nan")
+    frrc = ORAnalysis(chi2, i_n - 1, float("inf"), float(_st.chi2.sf(chi2, i_n - 1)) if np.isfinite(chi2) else float("nan"),
+                      diffs(float(np.sqrt(2 * den_f / j_n)), float("inf")),
+                      [mean_ci(i, float(np.sqrt((var_i[i] + (j_n - 1) * max(cov2_i[i], 0.0)) / j_n)), float("inf"))
+                       for i in range(i_n)])
+
+    # random readers, fixed cases
+    f_rrfc = ms_t / ms_tr if ms_tr > 0 else float("nan")
+    df_rrfc = float((i_n - 1) * (j_n - 1))
+    rrfc = ORAnalysis(f_rrfc, i_n - 1, df_rrfc, float(_st.f.sf(f_rrfc, i_n - 1, df_rrfc)) if np.isfinite(f_rrfc) else float("nan"),
+                      diffs(float(np.sqrt(2 * ms_tr / j_n)), df_rrfc),
+                      [mean_ci(i, float(np.sqrt(ms_r_i[i] / j_n)), j_n - 1.0) for i in range(i_n)])
+
+    # each reader on their own (FRRC): the difference of that reader's AUCs between two modalities
+    per_reader = []
+    z = _st.norm.ppf(1 - alpha / 2)
+    for j in range(j_n):
+        for a, b in pairs:
+            est = float(auc[a, j] - auc[b, j])
+            se = float(np.sqrt(max(cov4[a, j, a, j] + cov4[b, j, b, j] - 2 * cov4[a, j, b, j], 0.0)))
+            stat = est / se if se > 0 else float("nan")
+            per_reader.append(TreatmentDifference(f"{readers[j]}:{modalities[a]}", f"{readers[j]}:{modalities[b]}", est, se,
+                                                  float("inf"), stat, float(2 * _st.norm.sf(abs(stat))) if se > 0 else float("nan"),
+                                                  float(est - z * se), float(est + z * se)))
+    return MRMCResult(modalities, readers, int(y.sum()), int((~y).sum()), covariance, level, auc, ms_t, ms_r, ms_tr,
+                      var, cov1, cov2, cov3, float(var_r), float(var_tr), rrrc, frrc, rrfc, per_reader)
