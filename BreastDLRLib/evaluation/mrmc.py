@@ -144,6 +144,13 @@ def _mean_off(cov4: np.ndarray, same_t: bool, same_r: bool) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def _f_sf(f: float, ndf: float, ddf: float) -> float:
+    """P(F(ndf, ddf) > f); infinite ``ddf`` (readers without any reader-by-modality spread) is chi-square / ndf."""
+    if not np.isfinite(f):
+        return float("nan")
+    return float(_st.chi2.sf(f * ndf, ndf) if not np.isfinite(ddf) else _st.f.sf(f, ndf, ddf))
+
+
 def obuchowski_rockette(y_true, ratings, modalities: Optional[Sequence[str]] = None,
                         readers: Optional[Sequence[str]] = None, covariance: str = "jackknife",
                         level: float = 0.95) -> MRMCResult:
@@ -223,7 +230,7 @@ def obuchowski_rockette(y_true, ratings, modalities: Optional[Sequence[str]] = N
         den_i = ms_r_i[i] + j_n * max(cov2_i[i], 0.0)
         df_i = den_i ** 2 / ms_r_i[i] ** 2 * (j_n - 1) if ms_r_i[i] > 0 else float("inf")
         rrrc_means.append(mean_ci(i, float(np.sqrt(den_i / j_n)), df_i))
-    rrrc = ORAnalysis(f_rrrc, i_n - 1, ddf, float(_st.f.sf(f_rrrc, i_n - 1, ddf)) if np.isfinite(f_rrrc) else float("nan"),
+    rrrc = ORAnalysis(f_rrrc, i_n - 1, ddf, _f_sf(f_rrrc, i_n - 1, ddf),
                       diffs(float(np.sqrt(2 * den / j_n)), ddf), rrrc_means)
 
     # fixed readers, random cases: a chi-square test
@@ -237,7 +244,7 @@ def obuchowski_rockette(y_true, ratings, modalities: Optional[Sequence[str]] = N
     # random readers, fixed cases
     f_rrfc = ms_t / ms_tr if ms_tr > 0 else float("nan")
     df_rrfc = float((i_n - 1) * (j_n - 1))
-    rrfc = ORAnalysis(f_rrfc, i_n - 1, df_rrfc, float(_st.f.sf(f_rrfc, i_n - 1, df_rrfc)) if np.isfinite(f_rrfc) else float("nan"),
+    rrfc = ORAnalysis(f_rrfc, i_n - 1, df_rrfc, _f_sf(f_rrfc, i_n - 1, df_rrfc),
                       diffs(float(np.sqrt(2 * ms_tr / j_n)), df_rrfc),
                       [mean_ci(i, float(np.sqrt(ms_r_i[i] / j_n)), j_n - 1.0) for i in range(i_n)])
 

@@ -119,6 +119,16 @@ def test_jackknife_shortcut_equals_recomputing_each_auc():
     assert len(r.rrrc.differences) == 3                      # three modalities: every pair
 
 
+def test_readers_who_agree_exactly_get_the_large_sample_test():
+    """No reader-by-modality spread (MS(TR) = 0): Hillis' ddf is infinite and F(1, inf) is a chi-square(1)."""
+    y = np.array([1, 1, 1, 0, 0, 0, 0])
+    base = np.array([5, 4, 3, 2, 3, 1, 1.0])
+    r = obuchowski_rockette(y, np.stack([np.stack([base, base]), np.stack([base + y, base + y])]))
+    assert r.ms_tr == 0 and r.rrrc.ddf == np.inf
+    assert r.rrrc.p_value == pytest.approx(r.rrrc.differences[0].p_value)   # the z test of the same difference
+    assert 0 < r.rrrc.p_value < 1
+
+
 @pytest.mark.parametrize("shape, message", [((1, 3), "two modalities"), ((2, 1), "two readers")])
 def test_too_small_a_design_is_refused(shape, message):
     y = np.array([1, 1, 0, 0, 0])
