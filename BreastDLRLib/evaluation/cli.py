@@ -63,6 +63,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     rb = m.get("reader_agreement_aided")
     if rb and rb["fleiss"]:
         print(f"  Fleiss' kappa over the {rb['fleiss']['n_raters']} readers reading with the AI: {_f(rb['fleiss']['kappa'])}")
+    for col, av in (m.get("ai_vs_readers") or {}).items():
+        d = av["difference"]
+        print(f"  {col} against the readers' average (random readers and cases): AUC {_f(av['ai_auc'])} against "
+              f"{_f(av['readers_mean_auc']['estimate'])}, difference {_f(d['estimate'])} (95% CI {_f(d['ci_low'])} to "
+              f"{_f(d['ci_high'])}), p = {_f(av['p_value'], 4)}")
     mr = m.get("mrmc")
     if mr:
         d, t = mr["rrrc"]["differences"][0], mr["rrrc"]

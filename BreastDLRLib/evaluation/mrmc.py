@@ -261,3 +261,35 @@ def obuchowski_rockette(y_true, ratings, modalities: Optional[Sequence[str]] = N
                                                   float(est - z * se), float(est + z * se)))
     return MRMCResult(modalities, readers, int(y.sum()), int((~y).sum()), covariance, level, auc, ms_t, ms_r, ms_tr,
                       var, cov1, cov2, cov3, float(var_r), float(var_tr), rrrc, frrc, rrfc, per_reader)
+
+
+def ai_versus_readers(y_true, ai_scores, reader_ratings, ai_name: str = "AI",
+                      readers: Optional[Sequence[str]] = None, covariance: str = "jackknife",
+                      level: float = 0.95) -> Dict:
+    """The AI's AUC against the readers' average AUC, generalising to readers and cases (random readers, random
+    cases): Hillis 2007, section 5.3, the analysis of Kooi et al. 2017 and RJafroc's ``StCadVsRad``.
+
+    The AI is one fixed reader, so its scores are repeated for every reader and the Obuchowski-Rockette analysis
+    compares the two "modalities"; its F test, degrees of freedom and p-value are those of the single-modality
+    analysis of the readers' AUC differences from the AI (the intermediate variance components of the repeated
+    design are not reported: they have no meaning of their own).  ``reader_ratings`` is readers x cases."""
+    rr = np.asarray(reader_ratings, dtype=float)
+    if rr.ndim != 2:
+        raise EvaluationInputError("The readers' ratings must be readers x cases.")
+    ai = np.asarray(ai_scores, dtype=float)
+    res = obuchowski_rockette(y_true, np.stack([np.repeat(ai[None], rr.shape[0], axis=0), rr]),
+                              modalities=[ai_name, "readers"], readers=readers, covariance=covariance, level=level)
+    d, t = res.rrrc.differences[0], res.rrrc
+    readers_mean = t.means[1]
+    return {"method": "Obuchowski-Rockette with the AI as a fixed reader (Hillis 2007, section 5.3)",
+            "covariance": covariance, "level": level, "ai": ai_name, "readers": res.readers,
+            "n_diseased": res.n_diseased, "n_nondiseased": res.n_nondiseased,
+            "ai_auc": float(res.auc[0, 0]), "reader_auc": {r: float(a) for r, a in zip(res.readers, res.auc[1])},
+            "readers_mean_auc": {"estimate": readers_mean.estimate, "std_err": readers_mean.std_err,
+                                 "df": readers_mean.df if np.isfinite(readers_mean.df) else None,
+                                 "ci_low": readers_mean.ci_low, "ci_high": readers_mean.ci_high},
+            "difference": {"estimate": d.estimate, "std_err": d.std_err, "ci_low": d.ci_low, "ci_high": d.ci_high},
+            "f": t.statistic if np.isfinite(t.statistic) else None, "ndf": t.ndf,
+            "ddf": t.ddf if np.isfinite(t.ddf) else None,
+            "p_value": t.p_value if np.isfinite(t.p_value) else None,
+            "readers_better": int(np.sum(res.auc[1] > res.auc[0, 0])), "readers_worse": int(np.sum(res.auc[1] < res.auc[0, 0]))}

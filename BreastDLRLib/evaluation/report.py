@@ -27,6 +27,7 @@ from .. import __version__
 from ..errors import InputError
 from ..training.data import RISK_HIGH, RISK_LOW
 from . import readers as rd
+from .mrmc import ai_versus_readers
 from .stats import (MISSING, EvaluationInputError, binary_metrics, calibration_curve, delong_test, mcnemar, net_benefit,
                     roc_auc, roc_curve, youden_threshold)
 
@@ -272,6 +273,9 @@ def evaluate(joined: Joined, threshold: str | float = 0.5, n_boot: int = 2000, s
         "reader_agreement": rd.agreement(unaided, positive, level) if unaided else None,
         "reader_agreement_aided": rd.agreement(with_ai, positive, level) if with_ai else None,
         "mrmc": rd.mrmc_unaided_vs_aided(y, joined.scores, aided, level) if aided else None,
+        "ai_vs_readers": ({c: ai_versus_readers(y, joined.scores[c], [joined.scores[r] for r in unaided], ai_name=c,
+                                                 readers=list(unaided), level=level)
+                           for c in joined.columns if c not in joined.readers} if len(unaided) >= 2 else None),
     }
 
 
@@ -566,6 +570,21 @@ def render_html(metrics: Dict[str, Any], images: Dict[str, bytes], sources: Tupl
             fl = ra["fleiss"]
             parts.append(f"<p>Fleiss' kappa over all {fl['n_raters']} readers and {fl['n_subjects']} cases: "
                          f"{_f(fl['kappa'])} (SE {_f(fl['se'])}, p {_f(fl['p_value'], 4)}).</p>")
+    avr = metrics.get("ai_vs_readers")
+    if avr:
+        parts.append("<h2>AI against the readers' average</h2><p>Obuchowski-Rockette analysis with the AI as a fixed "
+                     "reader (Hillis 2007, section 5.3): does the AI's AUC differ from the average reader's, for "
+                     "readers and cases like these (random readers, random cases)? Differences are AI minus the "
+                     "readers' average.</p>" + _table(
+                         ["AI column", "AI AUC", "readers' average AUC (CI)", "difference (CI)", "F test", "p",
+                          "readers above / below the AI"],
+                         [[c, _f(a["ai_auc"]),
+                           f"{_f(a['readers_mean_auc']['estimate'])} ({_f(a['readers_mean_auc']['ci_low'])} to "
+                           f"{_f(a['readers_mean_auc']['ci_high'])})",
+                           f"{_f(a['difference']['estimate'])} ({_f(a['difference']['ci_low'])} to "
+                           f"{_f(a['difference']['ci_high'])})",
+                           f"F({a['ndf']:.0f}, {_f(a['ddf'], 2)}) = {_f(a['f'], 2)}", _f(a["p_value"], 4),
+                           f"{a['readers_better']} / {a['readers_worse']} of {len(a['readers'])}"] for c, a in avr.items()]))
     mr = metrics.get("mrmc")
     if mr:
         parts.append(_mrmc_html(mr))

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
 from conftest import write_csv as _write
 
 from BreastDLRLib.cli import main
 from BreastDLRLib.evaluation import EvaluationInputError, delong_test, roc_auc
-from BreastDLRLib.evaluation.mrmc import obuchowski_rockette
+from BreastDLRLib.evaluation.mrmc import ai_versus_readers, obuchowski_rockette
 
 DATA = Path(__file__).parent / "data" / "vandyke_roc.csv"
 
@@ -129,6 +130,31 @@ def test_readers_who_agree_exactly_get_the_large_sample_test():
     assert 0 < r.rrrc.p_value < 1
 
 
+def test_ai_against_the_readers_is_the_single_modality_analysis_of_their_differences(vandyke):
+    """Hillis 2007, section 5.3: the readers' AUC differences from the AI, D_j, analysed as one modality (reader mean
+    square of D, Cov2 of D by the jackknife, t = mean D / sqrt((MS_R + J Cov2) / J) on Hillis' df).  Computed here
+    from leave-one-case-out AUCs by brute force; the product repeats the AI as a second modality instead."""
+    _, y, ratings = vandyke
+    ai, rad = ratings[1, 0], ratings[0]                      # reader 1's cine-MRI ratings play the AI
+    j_n, k_n = rad.shape
+    got = ai_versus_readers(y, ai, rad, ai_name="cine")
+    full = np.array([roc_auc(y, s).auc for s in rad]) - roc_auc(y, ai).auc
+    loo = np.array([[roc_auc(np.delete(y, k), np.delete(s, k)).auc - roc_auc(np.delete(y, k), np.delete(ai, k)).auc
+                     for k in range(k_n)] for s in rad])
+    dev = loo - loo.mean(1, keepdims=True)
+    cov = (k_n - 1) / k_n * dev @ dev.T
+    cov2 = np.mean([cov[a, b] for a in range(j_n) for b in range(j_n) if a != b])
+    ms_r = np.var(full, ddof=1)
+    den = ms_r + j_n * max(cov2, 0)
+    t = full.mean() / np.sqrt(den / j_n)
+    df = den ** 2 / (ms_r ** 2 / (j_n - 1))
+    assert got["difference"]["estimate"] == pytest.approx(-full.mean(), rel=1e-12)     # AI minus the readers
+    assert got["f"] == pytest.approx(t ** 2, rel=1e-9) and got["ddf"] == pytest.approx(df, rel=1e-9)
+    assert got["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-9)
+    assert got["ai_auc"] == pytest.approx(0.94782609, abs=1e-8)
+    assert (got["readers_better"], got["readers_worse"]) == (1, 4)                  # only 0.97311 beats 0.94783
+
+
 @pytest.mark.parametrize("shape, message", [((1, 3), "two modalities"), ((2, 1), "two readers")])
 def test_too_small_a_design_is_refused(shape, message):
     y = np.array([1, 1, 0, 0, 0])
@@ -188,6 +214,20 @@ def test_evaluate_with_aided_reading_runs_the_mrmc_analysis(study, capsys):
     assert "mrmc.png" in m["plots"] and (out / "mrmc.png").stat().st_size > 1000
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "Multi-reader multi-case analysis" in html and "random readers, random cases" in html
+
+
+def test_evaluate_compares_each_score_column_with_the_readers_average(study, vandyke, capsys):
+    out = study["dir"] / "ai"
+    assert _run(study, out, "--readers", "r0,r1,r2,r3", "--columns", "r4_ai") == 0
+    assert "r4_ai against the readers' average (random readers and cases): AUC 0.930" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    av = m["ai_vs_readers"]["r4_ai"]
+    _, y, ratings = vandyke
+    direct = ai_versus_readers(y, ratings[1, 4], ratings[0, :4])
+    assert av["p_value"] == pytest.approx(direct["p_value"]) and av["readers"] == ["r0", "r1", "r2", "r3"]
+    assert av["difference"]["estimate"] == pytest.approx(direct["difference"]["estimate"])
+    assert "AI against the readers' average" in (out / "report.html").read_text(encoding="utf-8")
+    assert m["mrmc"] is None
 
 
 def test_aided_columns_must_pair_with_the_readers(study, capsys):
