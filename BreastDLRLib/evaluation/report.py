@@ -275,7 +275,8 @@ def evaluate(joined: Joined, threshold: str | float = 0.5, n_boot: int = 2000, s
         "mrmc": rd.mrmc_unaided_vs_aided(y, joined.scores, aided, level) if aided else None,
         "ai_vs_readers": ({c: ai_versus_readers(y, joined.scores[c], [joined.scores[r] for r in unaided], ai_name=c,
                                                  readers=list(unaided), level=level)
-                           for c in joined.columns if c not in joined.readers} if len(unaided) >= 2 else None),
+                           for c in joined.columns if c not in joined.readers}
+                          if len(unaided) >= 2 and min(y.sum(), (~y).sum()) >= 2 else None),
     }
 
 
@@ -627,7 +628,7 @@ def _mrmc_html(mr: Dict[str, Any]) -> str:
     out.append(_table(["generalises to", "AUC unaided", "AUC aided", "difference", f"{mr['level']:.0%} CI", "test", "p"],
                       gen))
     out.append(_table(["reader", "difference", f"{mr['level']:.0%} CI", "z", "p"],
-                      [[d["a"].split(":")[0], _f(-d["estimate"]), ci(-d["ci_high"], -d["ci_low"]),
+                      [[d["a"].rsplit(":", 1)[0], _f(-d["estimate"]), ci(-d["ci_high"], -d["ci_low"]),
                         _f(None if d["statistic"] is None else -d["statistic"], 2), _f(d["p_value"], 4)]
                        for d in mr["per_reader"]]))
     vc = mr["variance_components"]
