@@ -252,3 +252,17 @@ def test_a_case_without_both_readings_is_left_out(study, tmp_path):
     m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert m["cases"]["excluded"]["missing_score"] == 1
     assert (m["mrmc"]["n_diseased"], m["mrmc"]["n_nondiseased"]) == (45, 68)
+
+
+def test_a_single_cancer_leaves_the_ai_versus_readers_analysis_out_but_not_the_evaluation(tmp_path):
+    """One malignant case is enough for an AUC but not for a case-resampling variance: the evaluation still runs
+    (it asked for no MRMC), and ai_vs_readers is null."""
+    truth = _write(tmp_path / "t.csv", ["case_id", "label"],
+                   [("a", "malignant"), ("b", "benign"), ("c", "benign"), ("d", "benign")])
+    preds = _write(tmp_path / "p.csv", ["case_id", "probability_malignant", "r1", "r2"],
+                   [("a", "0.9", "5", "4a"), ("b", "0.2", "2", "3"), ("c", "0.4", "3", "4b"), ("d", "0.1", "2", "2")])
+    out = tmp_path / "out"
+    assert main(["evaluate", str(preds), "--truth", str(truth), "--out", str(out), "--n-boot", "20",
+                 "--readers", "r1,r2"]) == 0
+    m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert m["ai_vs_readers"] is None and m["columns"]["r1"]["auc"]["value"] == 1.0
