@@ -137,4 +137,21 @@ def mrmc_unaided_vs_aided(y: np.ndarray, scores: Dict[str, np.ndarray], pairs: S
                               level=level)
     out = res.to_dict()
     out["aided_columns"] = {u: a for u, a in pairs}
+    out["sample_size"] = next_study_sizes(res)
     return out
+
+
+def next_study_sizes(res, power: float = 0.8, alpha: float = 0.05, readers: Sequence[int] = (3, 5, 10, 15, 20)):
+    """Cases a next study of each size of reader panel needs for ``power`` to detect the difference this study
+    observed (random readers and cases; :func:`.mrmc.cases_for_power`), or None when the difference is zero."""
+    from .mrmc import cases_for_power
+
+    effect = float(res.rrrc.differences[0].estimate)
+    if not np.isfinite(effect) or effect == 0:
+        return None
+    pilot = res.n_diseased + res.n_nondiseased
+    kw = dict(var_tr=res.var_tr, var=res.var, cov1=res.cov1, cov2=res.cov2, cov3=res.cov3, power=power, alpha=alpha)
+    panel = sorted({len(res.readers), *readers})
+    return {"effect": abs(effect), "power": power, "alpha": alpha, "pilot_cases": pilot,
+            "method": "Hillis, Obuchowski and Berbaum 2011 (random readers and cases)",
+            "cases": [{"readers": j, "cases": cases_for_power(abs(effect), j, pilot, **kw)} for j in panel]}

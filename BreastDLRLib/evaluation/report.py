@@ -631,6 +631,14 @@ def _mrmc_html(mr: Dict[str, Any]) -> str:
                       [[d["a"].rsplit(":", 1)[0], _f(-d["estimate"]), ci(-d["ci_high"], -d["ci_low"]),
                         _f(None if d["statistic"] is None else -d["statistic"], 2), _f(d["p_value"], 4)]
                        for d in mr["per_reader"]]))
+    ss = mr.get("sample_size")
+    if ss:
+        out.append(f"<p>Planning the next study: cases needed for {ss['power']:.0%} power (two-sided alpha "
+                   f"{ss['alpha']:g}, random readers and cases) to detect the difference seen here, "
+                   f"{ss['effect']:.3f}, with the variance components of this study ({ss['pilot_cases']} cases; "
+                   f"{html.escape(ss['method'])}). The observed difference is itself uncertain: plan with a smaller "
+                   "one if it matters.</p>" + _table(["readers", "cases"], [[r["readers"], "not reachable" if r["cases"]
+                                                                            is None else r["cases"]] for r in ss["cases"]]))
     vc = mr["variance_components"]
     out.append(f"<p>Variance components: reader {vc['var_r']:.3g}, treatment-by-reader {vc['var_tr']:.3g}, error "
                f"{vc['var']:.3g}, Cov1 {vc['cov1']:.3g}, Cov2 {vc['cov2']:.3g}, Cov3 {vc['cov3']:.3g}.</p>")

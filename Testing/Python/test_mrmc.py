@@ -19,7 +19,7 @@ from conftest import write_csv as _write
 
 from BreastDLRLib.cli import main
 from BreastDLRLib.evaluation import EvaluationInputError, delong_test, roc_auc
-from BreastDLRLib.evaluation.mrmc import ai_versus_readers, obuchowski_rockette
+from BreastDLRLib.evaluation.mrmc import ai_versus_readers, cases_for_power, mrmc_power, obuchowski_rockette
 
 DATA = Path(__file__).parent / "data" / "vandyke_roc.csv"
 
@@ -155,6 +155,27 @@ def test_ai_against_the_readers_is_the_single_modality_analysis_of_their_differe
     assert (got["readers_better"], got["readers_worse"]) == (1, 4)                  # only 0.97311 beats 0.94783
 
 
+def test_power_matches_rjafroc_on_the_van_dyke_components(vandyke):
+    """Hillis, Obuchowski and Berbaum 2011 with the Van Dyke variance components as the pilot (114 cases) and the
+    observed difference -0.043800322: the powers RJafroc 2.1 asserts in tests/testthat/test-SsSampleSizeRoc.R
+    (SsPowerGivenJK, method "OR")."""
+    _, y, ratings = vandyke
+    r = obuchowski_rockette(y, ratings)
+    kw = dict(pilot_cases=114, var_tr=r.var_tr, var=r.var, cov1=r.cov1, cov2=r.cov2, cov3=r.cov3)
+    e = -0.043800322
+    assert mrmc_power(e, 10, 165, **kw) == pytest.approx(0.80541995, abs=1e-8)
+    assert mrmc_power(e, 10, 131, generalisation="frrc", **kw) == pytest.approx(0.80091813, abs=1e-8)
+    assert mrmc_power(e, 10, 53, generalisation="rrfc", **kw) == pytest.approx(0.80496663, abs=1e-8)
+    assert mrmc_power(r.rrrc.differences[0].estimate, 6, 111, **kw) == pytest.approx(0.5526116, abs=5e-8)
+    # the smallest number of cases for 80 %: power just below it one case earlier
+    k = cases_for_power(e, 10, **kw)
+    assert mrmc_power(e, 10, k, **kw) >= 0.8 > mrmc_power(e, 10, k - 1, **kw)
+    # three readers never reach 80 % here: the treatment-by-reader variance caps the power
+    assert cases_for_power(e, 3, **kw) is None and mrmc_power(e, 3, 100000, **kw) < 0.8
+    with pytest.raises(EvaluationInputError, match="generalisation"):
+        mrmc_power(e, 10, 100, generalisation="xx", **kw)
+
+
 @pytest.mark.parametrize("shape, message", [((1, 3), "two modalities"), ((2, 1), "two readers")])
 def test_too_small_a_design_is_refused(shape, message):
     y = np.array([1, 1, 0, 0, 0])
@@ -212,6 +233,11 @@ def test_evaluate_with_aided_reading_runs_the_mrmc_analysis(study, capsys):
     assert m["reader_agreement_aided"]["readers"] == [f"{r}_ai" for r in rs]
     assert m["reader_agreement"]["fleiss"]["n_raters"] == 5
     assert "mrmc.png" in m["plots"] and (out / "mrmc.png").stat().st_size > 1000
+    ss = mr["sample_size"]
+    assert ss["effect"] == pytest.approx(0.04380032, abs=1e-8) and ss["pilot_cases"] == 114
+    assert {r["readers"]: r["cases"] for r in ss["cases"]}[10] == cases_for_power(
+        0.04380032206119144, 10, 114, mr["variance_components"]["var_tr"], mr["variance_components"]["var"],
+        mr["variance_components"]["cov1"], mr["variance_components"]["cov2"], mr["variance_components"]["cov3"])
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "Multi-reader multi-case analysis" in html and "random readers, random cases" in html
 
