@@ -10,6 +10,10 @@ covariances come from the jackknife over cases (the default, as in OR-DBM MRMC a
 structural components.  Formulas: Obuchowski & Rockette 1995; Hillis 2007 (the denominator degrees of freedom
 of the RRRC test) and Hillis et al. 2008; the variance-component notation is that of Chakraborty's
 *Observer Performance Methods* (RJafroc).
+
+Also here: the AI against the readers' average (:func:`ai_versus_readers`, Hillis 2007 section 5.3) and the power
+and number of cases of a next study from these variance components (:func:`mrmc_power`, :func:`cases_for_power`;
+Hillis, Obuchowski and Berbaum 2011).
 """
 from __future__ import annotations
 
@@ -343,3 +347,17 @@ def cases_for_power(effect: float, readers: int, pilot_cases: int, var_tr: float
         else:
             lo = mid + 1
     return lo
+
+
+def next_study_sizes(res: MRMCResult, power: float = 0.8, alpha: float = 0.05, readers: Sequence[int] = (3, 5, 10, 15, 20)):
+    """Cases a next study of each size of reader panel needs for ``power`` to detect the difference this study
+    observed (random readers and cases; :func:`cases_for_power`), or None when the difference is zero."""
+    effect = float(res.rrrc.differences[0].estimate)
+    if not np.isfinite(effect) or effect == 0:
+        return None
+    pilot = res.n_diseased + res.n_nondiseased
+    kw = dict(var_tr=res.var_tr, var=res.var, cov1=res.cov1, cov2=res.cov2, cov3=res.cov3, power=power, alpha=alpha)
+    panel = sorted({len(res.readers), *readers})
+    return {"effect": abs(effect), "power": power, "alpha": alpha, "pilot_cases": pilot,
+            "method": "Hillis, Obuchowski and Berbaum 2011 (random readers and cases)",
+            "cases": [{"readers": j, "cases": cases_for_power(abs(effect), j, pilot, **kw)} for j in panel]}

@@ -127,7 +127,7 @@ def mrmc_unaided_vs_aided(y: np.ndarray, scores: Dict[str, np.ndarray], pairs: S
 
     ``pairs`` are (unaided column, aided column) of each reader; every reader graded every case both ways (the
     cases with a missing grade were left out before).  The reader is named by the unaided column."""
-    from .mrmc import obuchowski_rockette
+    from .mrmc import next_study_sizes, obuchowski_rockette
 
     if len(pairs) < 2:
         raise EvaluationInputError("An MRMC analysis of aided reading needs at least two readers, each with an "
@@ -140,18 +140,3 @@ def mrmc_unaided_vs_aided(y: np.ndarray, scores: Dict[str, np.ndarray], pairs: S
     out["sample_size"] = next_study_sizes(res)
     return out
 
-
-def next_study_sizes(res, power: float = 0.8, alpha: float = 0.05, readers: Sequence[int] = (3, 5, 10, 15, 20)):
-    """Cases a next study of each size of reader panel needs for ``power`` to detect the difference this study
-    observed (random readers and cases; :func:`.mrmc.cases_for_power`), or None when the difference is zero."""
-    from .mrmc import cases_for_power
-
-    effect = float(res.rrrc.differences[0].estimate)
-    if not np.isfinite(effect) or effect == 0:
-        return None
-    pilot = res.n_diseased + res.n_nondiseased
-    kw = dict(var_tr=res.var_tr, var=res.var, cov1=res.cov1, cov2=res.cov2, cov3=res.cov3, power=power, alpha=alpha)
-    panel = sorted({len(res.readers), *readers})
-    return {"effect": abs(effect), "power": power, "alpha": alpha, "pilot_cases": pilot,
-            "method": "Hillis, Obuchowski and Berbaum 2011 (random readers and cases)",
-            "cases": [{"readers": j, "cases": cases_for_power(abs(effect), j, pilot, **kw)} for j in panel]}
