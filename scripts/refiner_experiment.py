@@ -39,7 +39,7 @@ from BreastDLRLib.networks.segmenter import build_segmenter  # noqa: E402
 from BreastDLRLib.segmentation import normalise_intensity  # noqa: E402
 from BreastDLRLib.training.augment import ultrasound_augmenter  # noqa: E402
 from BreastDLRLib.training.data import load_grey, load_mask, read_manifest_csv  # noqa: E402
-from BreastDLRLib.training.segmenter import dice_loss  # noqa: E402
+from BreastDLRLib.training.segmenter import dice_loss, dice_scores  # noqa: E402
 from BreastDLRLib.training.splits import segmenter_split  # noqa: E402
 
 
@@ -189,11 +189,6 @@ def refine(model, img, m, tta=True, margin=MARGIN):
     r = lab == keep[int(np.argmax(sizes))]
     return ndi.binary_fill_holes(r)
 
-def dice(a, b):
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else 2 * (a & b).sum() / s
-
-
 def evaluate(a):
     torch.set_num_threads(a.threads)
     cases = read_manifest_csv(a.manifest)
@@ -216,7 +211,7 @@ def evaluate(a):
         ref = [refine(model, img8, m) for m in les]
         uc = np.any(les, 0) if les else np.zeros_like(gt)
         ur = np.any(ref, 0) if ref else np.zeros_like(gt)
-        d_c.append(dice(uc, gt)); d_r.append(dice(ur, gt))
+        d_c.append(dice_scores(uc[None], gt[None])[0]); d_r.append(dice_scores(ur[None], gt[None])[0])
         f = {}
         for name, m in (("reader", gt), ("coarse", les[0] if les else None), ("refined", ref[0] if ref else None)):
             if m is None:

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from scipy import stats as _st
 
-from .stats import EvaluationInputError, _binary, delong_placements
+from .stats import EvaluationInputError, _binary, delong_placements, to_json
 
 COVARIANCE_METHODS = ("jackknife", "delong")
 
@@ -90,20 +90,11 @@ class MRMCResult:
 
     def to_dict(self) -> Dict:
         """Plain JSON values (NaN and infinite degrees of freedom as None)."""
-        def plain(v):
-            if isinstance(v, dict):
-                return {k: plain(x) for k, x in v.items()}
-            if isinstance(v, (list, tuple)):
-                return [plain(x) for x in v]
-            if isinstance(v, (float, np.floating)):
-                return float(v) if np.isfinite(v) else None
-            return v
-
         def an(a: ORAnalysis):
             return {"statistic": a.statistic, "ndf": a.ndf, "ddf": a.ddf, "p_value": a.p_value,
                     "differences": [asdict(d) for d in a.differences], "means": [asdict(m) for m in a.means]}
 
-        return plain({
+        return to_json({
             "method": "Obuchowski-Rockette, Hillis degrees of freedom", "figure_of_merit": "empirical AUC",
             "covariance": self.covariance, "level": self.level, "modalities": self.modalities, "readers": self.readers,
             "n_diseased": self.n_diseased, "n_nondiseased": self.n_nondiseased,
@@ -285,18 +276,15 @@ def ai_versus_readers(y_true, ai_scores, reader_ratings, ai_name: str = "AI",
                               modalities=[ai_name, "readers"], readers=readers, covariance=covariance, level=level)
     d, t = res.rrrc.differences[0], res.rrrc
     readers_mean = t.means[1]
-    return {"method": "Obuchowski-Rockette with the AI as a fixed reader (Hillis 2007, section 5.3)",
+    return to_json({"method": "Obuchowski-Rockette with the AI as a fixed reader (Hillis 2007, section 5.3)",
             "covariance": covariance, "level": level, "ai": ai_name, "readers": res.readers,
             "n_diseased": res.n_diseased, "n_nondiseased": res.n_nondiseased,
             "ai_auc": float(res.auc[0, 0]), "reader_auc": {r: float(a) for r, a in zip(res.readers, res.auc[1])},
             "readers_mean_auc": {"estimate": readers_mean.estimate, "std_err": readers_mean.std_err,
-                                 "df": readers_mean.df if np.isfinite(readers_mean.df) else None,
-                                 "ci_low": readers_mean.ci_low, "ci_high": readers_mean.ci_high},
+                                 "df": readers_mean.df, "ci_low": readers_mean.ci_low, "ci_high": readers_mean.ci_high},
             "difference": {"estimate": d.estimate, "std_err": d.std_err, "ci_low": d.ci_low, "ci_high": d.ci_high},
-            "f": t.statistic if np.isfinite(t.statistic) else None, "ndf": t.ndf,
-            "ddf": t.ddf if np.isfinite(t.ddf) else None,
-            "p_value": t.p_value if np.isfinite(t.p_value) else None,
-            "readers_better": int(np.sum(res.auc[1] > res.auc[0, 0])), "readers_worse": int(np.sum(res.auc[1] < res.auc[0, 0]))}
+            "f": t.statistic, "ndf": t.ndf, "ddf": t.ddf, "p_value": t.p_value,
+            "readers_better": int(np.sum(res.auc[1] > res.auc[0, 0])), "readers_worse": int(np.sum(res.auc[1] < res.auc[0, 0]))})
 
 
 GENERALISATIONS = ("rrrc", "frrc", "rrfc")

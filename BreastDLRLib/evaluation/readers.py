@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import ClinicalInputError
 from ..recommend import normalise_birads
+from .mrmc import next_study_sizes, obuchowski_rockette
 from .stats import MISSING, EvaluationInputError, cohen_kappa, fleiss_kappa
 
 GRADES = ("1", "2", "3", "4", "4a", "4b", "4c", "5")       # ordered; "4" is the undivided category
@@ -127,8 +128,6 @@ def mrmc_unaided_vs_aided(y: np.ndarray, scores: Dict[str, np.ndarray], pairs: S
 
     ``pairs`` are (unaided column, aided column) of each reader; every reader graded every case both ways (the
     cases with a missing grade were left out before).  The reader is named by the unaided column."""
-    from .mrmc import next_study_sizes, obuchowski_rockette
-
     if len(pairs) < 2:
         raise EvaluationInputError("An MRMC analysis of aided reading needs at least two readers, each with an "
                                    "unaided and an aided column (--readers r1,r2 --aided r1_ai,r2_ai).")

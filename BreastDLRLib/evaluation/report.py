@@ -29,7 +29,7 @@ from ..training.data import RISK_HIGH, RISK_LOW
 from . import readers as rd
 from .mrmc import ai_versus_readers
 from .stats import (MISSING, EvaluationInputError, binary_metrics, calibration_curve, delong_test, mcnemar, net_benefit,
-                    roc_auc, roc_curve, youden_threshold)
+                    roc_auc, roc_curve, to_json, youden_threshold)
 
 FORMAT = "breastdlr-evaluation/1"
 INTENDED_USE = "Research use only. Not a medical device; not for diagnosis or treatment decisions."
@@ -359,23 +359,6 @@ def tsne(ids: List[str], emb: np.ndarray, labels: np.ndarray, seed: int = 0) -> 
     xy = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed).fit_transform(emb)
     return {"n": len(ids), "perplexity": perplexity, "case_id": ids, "x": xy[:, 0], "y": xy[:, 1],
             "label": labels.astype(int)}
-
-
-def to_json(obj: Any) -> Any:
-    """Plain JSON values: numpy converted, NaN and +-inf as None."""
-    if isinstance(obj, dict):
-        return {str(k): to_json(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return to_json(obj.tolist())
-    if isinstance(obj, (list, tuple)):
-        return [to_json(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------- plots

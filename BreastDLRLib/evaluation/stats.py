@@ -17,7 +17,7 @@ Vickers & Elkin (2006) Med Decis Making 26:565.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 from scipy import stats as _st
@@ -227,6 +227,23 @@ def _z(level: float) -> float:
     if not 0.0 < level < 1.0:
         raise EvaluationInputError(f"Confidence level must be between 0 and 1 (e.g. 0.95), got {level}.")
     return float(_st.norm.ppf(0.5 + level / 2.0))
+
+
+def to_json(obj: Any) -> Any:
+    """Plain JSON values: numpy converted, NaN and +-inf as None."""
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return to_json(obj.tolist())
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
 
 
 # ------------------------------------------------------------------------------------- ROC / AUC
