@@ -20,14 +20,19 @@ def register(sub) -> None:
                    help="truth: malignancy = label malignant vs benign; risk = BI-RADS 4-5 vs 2-3")
     e.add_argument("--threshold", default="0.5",
                    help="operating point: a number (positive when score >= it; default 0.5) or youden")
-    e.add_argument("--readers", help="comma-separated columns of readers' BI-RADS grades (a reader study): each "
-                                     "gets its ROC/AUC over the grades, sensitivity and specificity, DeLong and "
+    e.add_argument("--readers", help="comma-separated columns of readers' BI-RADS grades or likelihoods (a reader "
+                                     "study, see --reader-scale): each gets its ROC/AUC over the ratings, "
+                                     "sensitivity and specificity, DeLong and "
                                      "McNemar against the other columns; two or more also get Cohen's and Fleiss' kappa")
-    e.add_argument("--aided", help="comma-separated columns of the same readers' grades read with the AI's help, in "
+    e.add_argument("--aided", help="comma-separated columns of the same readers' ratings read with the AI's help, in "
                                    "the order of --readers: adds an Obuchowski-Rockette MRMC analysis (random readers "
                                    "and cases) of unaided against aided reading")
-    e.add_argument("--reader-positive", default="4a",
-                   help="a reader's call is positive from this BI-RADS grade on (default 4A: biopsy recommended)")
+    e.add_argument("--reader-scale", choices=("birads", "percent"), default="birads",
+                   help="what the reader columns hold: BI-RADS grades (default) or each reader's likelihood of "
+                        "malignancy in percent, 0-100")
+    e.add_argument("--reader-positive", default=None,
+                   help="a reader's call is positive from this BI-RADS grade on (default 4A: biopsy recommended); with "
+                        "--reader-scale percent, above this likelihood (default 2: above BI-RADS 3)")
     e.add_argument("--embeddings", help="npz with arrays case_id and embedding: adds a t-SNE plot")
     e.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the AUC CI (default 2000)")
     e.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of t-SNE")
@@ -42,13 +47,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     aided = [c.strip() for c in a.aided.split(",") if c.strip()] if a.aided else []
     m = run_evaluation(a.predictions, a.truth, a.out, columns=columns, task=a.task, threshold=a.threshold,
                        embeddings=a.embeddings, n_boot=a.n_boot, seed=a.seed, readers=readers,
-                       reader_positive=a.reader_positive, aided=aided)
+                       reader_positive=a.reader_positive, aided=aided, reader_scale=a.reader_scale)
     c = m["cases"]
     print(f"{c['evaluated']} cases evaluated ({c['positive']} {m['inputs']['positive_class']}, {c['negative']} "
           f"{m['inputs']['negative_class']}); {c['excluded']['total']} prediction rows excluded")
     for col, cm in m["columns"].items():
         auc, op = cm["auc"], cm["operating_point"]
-        at = (f"positive from BI-RADS {m['inputs']['reader_positive_from'].upper()}" if col in m["inputs"]["readers"]
+        at = (m["inputs"]["reader_call"] if col in m["inputs"]["readers"]
               else f"at threshold {_f(op['threshold'])}")
         print(f"  {col}: AUC {_f(auc['value'])} (95% CI {_f(auc['ci_low'])} to {_f(auc['ci_high'])}); {at}: "
               f"sensitivity {_f(op['sensitivity']['value'])}, specificity "

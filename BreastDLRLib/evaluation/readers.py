@@ -1,19 +1,27 @@
-"""Reader studies in ``breastdlr evaluate``: radiologists' BI-RADS grades as ordinal scores, and how well the
-readers agree with each other.
+"""Reader studies in ``breastdlr evaluate``: radiologists' ratings as scores, and how well the readers agree
+with each other.
 
-A reader column holds one BI-RADS category per case (``3``, ``4a``, ``BI-RADS 4B``, …).  For the ROC analysis
-the categories become ordinal scores (:data:`GRADE_SCORE`: 4A = 4.0, 4B = 4.3, 4C = 4.6), so a reader's ROC
-curve and AUC are the empirical ones over their grades, as in the reader studies of the DLR papers, and a
-reader's call is positive from a chosen grade on (default 4A: biopsy recommended).  Agreement between readers
-is Cohen's kappa for each pair (unweighted and linear-weighted over the ordered grades, and on the positive
-call) and, from three readers on, Fleiss' kappa over all of them.
+Two rating scales (``--reader-scale``):
 
-BI-RADS 0 (incomplete) and 6 (known cancer) are not grades of suspicion and are refused; an empty cell leaves
-the case out, as for a missing score.  A reader who grades some lesions "4" and others "4A"–"4C" is refused
-(one scale per reader); when some readers use an undivided 4, agreement is measured on 4A–4C merged into 4.
+* ``birads`` (default): one BI-RADS category per case (``3``, ``4a``, ``BI-RADS 4B``, ...).  For the ROC analysis
+  the categories become ordinal scores (:data:`GRADE_SCORE`: 4A = 4.0, 4B = 4.3, 4C = 4.6), so a reader's ROC
+  curve and AUC are the empirical ones over their grades, as in the reader studies of the DLR papers, and a
+  reader's call is positive from a chosen grade on (default 4A: biopsy recommended).  BI-RADS 0 (incomplete)
+  and 6 (known cancer) are not grades of suspicion and are refused.  A reader who grades some lesions "4" and
+  others "4A"-"4C" is refused (one scale per reader); when some readers use an undivided 4, agreement is
+  measured on 4A-4C merged into 4.
+* ``percent``: the reader's likelihood of malignancy, 0-100 %, the finer scale many MRMC studies ask for.  The
+  AUC is the empirical one over the ratings, and a call is positive above a chosen likelihood (default 2 %, the
+  ceiling of BI-RADS 3 in the ACR atlas).  For agreement the ratings are put into the BI-RADS categories by the
+  atlas' likelihood ranges (:func:`percent_grade`).
+
+Agreement between readers is Cohen's kappa for each pair (unweighted and linear-weighted over the ordered grades,
+and on the positive call) and, from three readers on, Fleiss' kappa over all of them.  An empty cell leaves the
+case out, as for a missing score.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -27,6 +35,77 @@ GRADES = ("1", "2", "3", "4", "4a", "4b", "4c", "5")       # ordered; "4" is the
 GRADE_SCORE = {"1": 1.0, "2": 2.0, "3": 3.0, "4": 4.0, "4a": 4.0, "4b": 4.3, "4c": 4.6, "5": 5.0}
 SUBDIVIDED = ("4a", "4b", "4c")
 DEFAULT_POSITIVE = "4a"
+SCALES = ("birads", "percent")
+DEFAULT_POSITIVE_PERCENT = 2.0
+# ACR BI-RADS Atlas, 5th edition (2013): likelihood of malignancy of each final assessment category.  A rating
+# is in the first category whose upper bound it does not pass; 4C is "> 50 % and < 95 %", 5 is ">= 95 %".
+PERCENT_GRADES = (("2", 0.0), ("3", 2.0), ("4a", 10.0), ("4b", 50.0))
+
+
+def percent_grade(p: float) -> str:
+    """The BI-RADS category of a likelihood of malignancy in percent (ACR atlas): 0 % -> 2 (benign; 1 and 2 cannot
+    be told apart on this scale), up to 2 % -> 3, up to 10 % -> 4A, up to 50 % -> 4B, below 95 % -> 4C, else 5."""
+    for grade, upper in PERCENT_GRADES:
+        if p <= upper:
+            return grade
+    return "4c" if p < 95.0 else "5"
+
+
+@dataclass(frozen=True)
+class ReaderCall:
+    """How reader columns are read (``scale``) and when a reader's call is positive: score >= ``cut``."""
+
+    scale: str              # "birads" or "percent"
+    positive: str           # a grade ("4a") or a likelihood in percent ("2")
+    cut: float
+
+    @property
+    def text(self) -> str:
+        """E.g. "positive from BI-RADS 4A" or "positive above 2 % likelihood of malignancy"."""
+        if self.scale == "birads":
+            return f"positive from BI-RADS {self.positive.upper()}"
+        return f"positive above {self.positive} % likelihood of malignancy"
+
+    @property
+    def short(self) -> str:
+        return f"BI-RADS {self.positive.upper()} and above" if self.scale == "birads" else f"above {self.positive} %"
+
+
+def reader_call(scale: str = "birads", positive: Optional[str] = None) -> ReaderCall:
+    """``--reader-scale`` and ``--reader-positive`` checked (an error names the fix); ``positive`` None = the
+    scale's default (4A, or 2 %)."""
+    if scale not in SCALES:
+        raise EvaluationInputError(f"--reader-scale must be birads or percent, got '{scale}'.")
+    if scale == "birads":
+        g = positive_from(DEFAULT_POSITIVE if positive is None else positive)
+        return ReaderCall("birads", g, GRADE_SCORE[g])
+    text = f"{DEFAULT_POSITIVE_PERCENT:g}" if positive is None else str(positive).strip().rstrip("%").strip()
+    try:
+        p = float(text)
+    except ValueError:
+        p = float("nan")
+    if not 0.0 <= p < 100.0:
+        raise EvaluationInputError(f"With --reader-scale percent, --reader-positive is the likelihood of malignancy "
+                                   f"above which a reader's call is positive, from 0 to below 100 (default 2, the "
+                                   f"ceiling of BI-RADS 3); got '{positive}'.")
+    return ReaderCall("percent", f"{p:g}", float(np.nextafter(p, np.inf)))
+
+
+def parse_percent(text: str, column: str, case_id: str) -> Optional[float]:
+    """A reader's likelihood of malignancy (0-100, a trailing % allowed); None when empty; an error otherwise."""
+    t = (text or "").strip()
+    if t.lower() in MISSING:
+        return None
+    try:
+        v = float(t.rstrip("%").strip())
+    except ValueError:
+        v = float("nan")
+    if not 0.0 <= v <= 100.0:
+        raise EvaluationInputError(f"The reader column '{column}' holds '{t}' for case {case_id}, which is not a "
+                                   "likelihood of malignancy from 0 to 100 %; with --reader-scale percent every rating "
+                                   "is a percentage (leave the cell empty when the reader gave none; for BI-RADS "
+                                   "grades use --reader-scale birads).")
+    return v
 
 
 def parse_grade(text: str, column: str, case_id: str) -> Optional[str]:
@@ -86,23 +165,27 @@ def _kappa(r1, r2, weights, cats, level) -> Dict[str, Any]:
     return {"kappa": k.kappa, "se": k.se, "ci_low": k.ci_low, "ci_high": k.ci_high}
 
 
-def agreement(grades: Dict[str, Sequence[str]], positive: str = DEFAULT_POSITIVE,
-              level: float = 0.95) -> Optional[Dict[str, Any]]:
+def agreement(grades: Dict[str, Sequence[str]], scores: Optional[Dict[str, np.ndarray]] = None,
+              call: Optional[ReaderCall] = None, level: float = 0.95) -> Optional[Dict[str, Any]]:
     """Pairwise Cohen's kappa (unweighted, linear-weighted, positive call) and, from three readers on, Fleiss'
-    kappa over the ordered grades; None with fewer than two readers."""
+    kappa over the ordered grades; None with fewer than two readers.  ``grades`` are BI-RADS categories (with the
+    percent scale, the categories of the ratings); ``scores`` the readers' scores (default: the grades' ordinal
+    scores), called positive by ``call`` (default: from BI-RADS 4A)."""
+    call = call or reader_call()
+    if scores is None:
+        scores = {c: reader_scores(g) for c, g in grades.items()}
     names = list(grades)
     if len(names) < 2:
         return None
     merged = any("4" in set(gs) for gs in grades.values())
     norm = {c: ["4" if merged and g in SUBDIVIDED else g for g in gs] for c, gs in grades.items()}
     cats = [g for g in GRADES if any(g in set(gs) for gs in norm.values())]
-    cut = GRADE_SCORE[positive]
     pairs: List[Dict[str, Any]] = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             ra, rb = norm[a], norm[b]
-            ca = [GRADE_SCORE[g] >= cut for g in grades[a]]
-            cb = [GRADE_SCORE[g] >= cut for g in grades[b]]
+            ca = [bool(v >= call.cut) for v in scores[a]]
+            cb = [bool(v >= call.cut) for v in scores[b]]
             pairs.append({"a": a, "b": b, "n": len(ra),
                           "exact_agreement": float(np.mean([x == y for x, y in zip(ra, rb)])),
                           "kappa": _kappa(ra, rb, None, cats, level),
@@ -118,8 +201,9 @@ def agreement(grades: Dict[str, Sequence[str]], positive: str = DEFAULT_POSITIVE
         f = fleiss_kappa(counts)
         fleiss = {"kappa": f.kappa, "se": f.se, "z": f.z, "p_value": f.p_value, "n_subjects": f.n_subjects,
                   "n_raters": f.n_raters}
-    return {"readers": names, "categories": cats, "subdivisions_merged": merged,
-            "positive_from": positive, "pairs": pairs, "fleiss": fleiss}
+    return {"readers": names, "scale": call.scale, "categories": cats, "subdivisions_merged": merged,
+            "positive_from": call.positive if call.scale == "birads" else None, "call": call.text, "pairs": pairs,
+            "fleiss": fleiss}
 
 
 def mrmc_unaided_vs_aided(y: np.ndarray, scores: Dict[str, np.ndarray], pairs: Sequence[Sequence[str]],

@@ -60,6 +60,7 @@ class Joined:
     n_truth_rows: int
     truth_without_prediction: int
     readers: Dict[str, List[str]] = field(default_factory=dict)   # reader column -> BI-RADS grade per case
+    reader_scale: str = "birads"                # "percent": the scores are the ratings, the grades their categories
 
 
 def read_table(path: str | Path, what: str) -> Tuple[List[str], List[Dict[str, str]]]:
@@ -106,13 +107,17 @@ def parse_score(text: str, column: str, case_id: str) -> Optional[float]:
 
 
 def join_predictions(predictions: str | Path, truth: str | Path, columns: Sequence[str], task: str,
-                     readers: Sequence[str] = ()) -> Joined:
+                     readers: Sequence[str] = (), reader_scale: str = "birads") -> Joined:
     """Join predictions to the truth by ``case_id``; count and drop the rows that cannot be evaluated.
 
-    ``readers`` are columns of BI-RADS grades (a reader study, :mod:`.readers`); they are evaluated as ordinal
-    scores after the score ``columns``, and a case is left out when any score or grade is missing."""
+    ``readers`` are columns of readers' ratings (a reader study, :mod:`.readers`): BI-RADS grades, evaluated as
+    ordinal scores, or with ``reader_scale="percent"`` likelihoods of malignancy, 0-100.  They come after the
+    score ``columns``, and a case is left out when any score or rating is missing."""
     if task not in DEFAULT_COLUMN:
         raise EvaluationInputError(f"Unknown task '{task}'; use malignancy or risk.")
+    if reader_scale not in rd.SCALES:
+        raise EvaluationInputError(f"--reader-scale must be birads or percent, got '{reader_scale}'.")
+    parse_rating = rd.parse_grade if reader_scale == "birads" else rd.parse_percent
     pcols, prows = read_table(predictions, "predictions")
     tcols, trows = read_table(truth, "truth")
     pname, tname = Path(predictions).name, Path(truth).name
@@ -133,13 +138,13 @@ def join_predictions(predictions: str | Path, truth: str | Path, columns: Sequen
                                    "the predictions were made on the images of this manifest.")
     excluded = {r: 0 for r in REASONS}
     ids, ys, sc = [], [], {c: [] for c in columns}
-    grades: Dict[str, List[str]] = {c: [] for c in readers}
+    ratings: Dict[str, List[Any]] = {c: [] for c in readers}
     groups: Dict[str, Optional[List[str]]] = {g: ([] if g in tcols else None) for g in GROUP_COLUMNS}
     groups.update({g: ([] if g in pcols else None) for g in PREDICTION_GROUP_COLUMNS})
     for row in prows:
         cid = row["case_id"].strip()
         values = {c: parse_score(row[c], c, cid) for c in columns}  # a bad cell is an error in any row
-        values.update({c: rd.parse_grade(row[c], c, cid) for c in readers})
+        values.update({c: parse_rating(row[c], c, cid) for c in readers})
         t = truth_by_id.get(cid)
         label = None if t is None else reference_label(t, task)
         if t is None:
@@ -156,7 +161,7 @@ def join_predictions(predictions: str | Path, truth: str | Path, columns: Sequen
             for c in columns:
                 sc[c].append(values[c])
             for c in readers:
-                grades[c].append(values[c])
+                ratings[c].append(values[c])
             for g, vals in groups.items():
                 if vals is not None:
                     src = row if g in PREDICTION_GROUP_COLUMNS else t
@@ -170,10 +175,16 @@ def join_predictions(predictions: str | Path, truth: str | Path, columns: Sequen
         raise EvaluationInputError(f"All {y.size} evaluable cases are {only} in {tname}; an evaluation needs cases of "
                                    f"both classes ({' and '.join(CLASS_NAMES[task])}).")
     scores = {c: np.array(v, dtype=float) for c, v in sc.items()}
-    scores.update({c: rd.reader_scores(g) for c, g in grades.items()})
+    if reader_scale == "birads":
+        grades = ratings
+        scores.update({c: rd.reader_scores(g) for c, g in grades.items()})
+    else:
+        grades = {c: [rd.percent_grade(v) for v in r] for c, r in ratings.items()}
+        scores.update({c: np.array(r, dtype=float) for c, r in ratings.items()})
     return Joined(task=task, columns=[*columns, *readers], case_ids=ids, y=y, scores=scores, groups=groups,
                   excluded=excluded, n_prediction_rows=len(prows), n_truth_rows=len(trows),
-                  truth_without_prediction=len(set(truth_by_id) - set(pred_ids)), readers=grades)
+                  truth_without_prediction=len(set(truth_by_id) - set(pred_ids)), readers=grades,
+                  reader_scale=reader_scale)
 
 
 def _unique_rows(rows: List[Dict[str, str]], name: str) -> Dict[str, Dict[str, str]]:
@@ -228,25 +239,31 @@ def parse_threshold(text: str | float) -> Tuple[str, Optional[float]]:
 
 # ---------------------------------------------------------------------------------------------- metrics
 def evaluate(joined: Joined, threshold: str | float = 0.5, n_boot: int = 2000, seed: int = 0,
-             level: float = 0.95, reader_positive: str = rd.DEFAULT_POSITIVE,
+             level: float = 0.95, reader_positive: Optional[str] = None,
              aided: Sequence[Tuple[str, str]] = ()) -> Dict[str, Any]:
     """Every metric of every score column, the pairwise comparisons and the case counts (numpy inside).
 
-    Reader columns (``joined.readers``) are called positive from the grade ``reader_positive`` on, whatever
-    ``threshold`` says, and get no calibration or decision curve (grades are not probabilities).  ``aided`` pairs
+    Reader columns (``joined.readers``) are called positive from the grade ``reader_positive`` on (with the
+    percent scale: above that likelihood; None = 4A, or 2 %), whatever ``threshold`` says, and get no
+    calibration or decision curve (ratings are not calibrated probabilities).  ``aided`` pairs
     each reader's column with the column of the same reader's grades read with the AI's help: the study then gets
     an Obuchowski-Rockette MRMC analysis of unaided against aided reading (:mod:`.mrmc`)."""
     rule, fixed = parse_threshold(threshold)
-    positive = rd.positive_from(reader_positive)
-    rd.check_scales(joined.readers, positive)
+    call = rd.reader_call(joined.reader_scale, reader_positive)
+    if call.scale == "birads":
+        rd.check_scales(joined.readers, call.positive)
     y = joined.y
     cols = {}
     for c in joined.columns:
         if c in joined.readers:
-            cols[c] = column_metrics(y, joined.scores[c], "fixed", rd.GRADE_SCORE[positive], joined.groups, n_boot,
+            cols[c] = column_metrics(y, joined.scores[c], "fixed", call.cut, joined.groups, n_boot,
                                      seed, level, probabilities=False)
-            cols[c]["notes"].append(f"{c}: BI-RADS grades as ordinal scores (4A = 4.0, 4B = 4.3, 4C = 4.6); "
-                                    f"positive from BI-RADS {positive.upper()} on")
+            cols[c]["notes"].append(f"{c}: BI-RADS grades as ordinal scores (4A = 4.0, 4B = 4.3, 4C = 4.6); {call.text}"
+                                    if call.scale == "birads" else
+                                    f"{c}: the reader's likelihood of malignancy in percent; {call.text}")
+            if call.scale == "percent" and joined.scores[c].max() <= 1.0:
+                cols[c]["notes"].append(f"{c}: every rating is at most 1 %; if these are probabilities from 0 to 1, "
+                                        "multiply them by 100 (the AUC is the same, the positive calls are not)")
         else:
             cols[c] = column_metrics(y, joined.scores[c], rule, fixed, joined.groups, n_boot, seed, level)
     comparisons = []
@@ -262,7 +279,11 @@ def evaluate(joined: Joined, threshold: str | float = 0.5, n_boot: int = 2000, s
         "inputs": {"task": joined.task, "positive_class": pos, "negative_class": neg, "columns": joined.columns,
                    "threshold_rule": "youden" if rule == "youden" else str(fixed), "ci_level": level,
                    "n_boot": int(n_boot), "seed": int(seed), "readers": list(joined.readers),
-                   "reader_positive_from": positive if joined.readers else None},
+                   "reader_scale": call.scale if joined.readers else None,
+                   "reader_positive_from": call.positive if joined.readers and call.scale == "birads" else None,
+                   "reader_positive_above": float(call.positive) if joined.readers and call.scale == "percent" else None,
+                   "reader_call": call.text if joined.readers else None,
+                   "reader_call_short": call.short if joined.readers else None},
         "cases": {"prediction_rows": joined.n_prediction_rows, "truth_rows": joined.n_truth_rows,
                   "evaluated": int(y.size), "positive": int(y.sum()), "negative": int((~y).sum()),
                   "excluded": {"total": int(sum(joined.excluded.values())), **joined.excluded},
@@ -270,8 +291,8 @@ def evaluate(joined: Joined, threshold: str | float = 0.5, n_boot: int = 2000, s
         "columns": cols, "comparisons": comparisons,
         # a reader's aided grades are not another reader: with --aided, agreement is measured among the unaided
         # grades and, separately, among the aided ones
-        "reader_agreement": rd.agreement(unaided, positive, level) if unaided else None,
-        "reader_agreement_aided": rd.agreement(with_ai, positive, level) if with_ai else None,
+        "reader_agreement": rd.agreement(unaided, joined.scores, call, level) if unaided else None,
+        "reader_agreement_aided": rd.agreement(with_ai, joined.scores, call, level) if with_ai else None,
         "mrmc": rd.mrmc_unaided_vs_aided(y, joined.scores, aided, level) if aided else None,
         "ai_vs_readers": ({c: ai_versus_readers(y, joined.scores[c], [joined.scores[r] for r in unaided], ai_name=c,
                                                  readers=list(unaided), level=level)
@@ -391,7 +412,7 @@ def plot_roc(metrics: Dict[str, Any], path: Path) -> None:
         ax.plot(m["roc_curve"]["fpr"], m["roc_curve"]["tpr"], color=colour,
                 label=f"{col}: AUC {a['value']:.3f} ({_ci(a['ci_low'], a['ci_high'])}, DeLong)")
         op = m["operating_point"]
-        point = (f"positive from BI-RADS {metrics['inputs']['reader_positive_from'].upper()}"
+        point = (metrics["inputs"]["reader_call"]
                  if col in metrics["inputs"].get("readers", ()) else f"threshold {op['threshold']:.3g} ({op['rule']})")
         ax.plot([1 - op["specificity"]["value"]], [op["sensitivity"]["value"]], "o", color=colour, ms=7,
                 label=f"{col}: {point}")
@@ -517,7 +538,7 @@ def render_html(metrics: Dict[str, Any], images: Dict[str, bytes], sources: Tupl
         a, op = m["auc"], m["operating_point"]
         rows.append([col, m["n"], f"{_f(a['value'])} ({_f(a['ci_low'])} to {_f(a['ci_high'])})",
                      f"{_f(a['bootstrap_ci_low'])} to {_f(a['bootstrap_ci_high'])}",
-                     f"BI-RADS {inp['reader_positive_from'].upper()} and above" if col in inp.get("readers", ())
+                     inp["reader_call_short"] if col in inp.get("readers", ())
                      else _f(op["threshold"]),
                      _est(op["sensitivity"]), _est(op["specificity"]), _est(op["ppv"]), _est(op["npv"]),
                      _est(op["accuracy"]), _est(op["f1"]), _f(m["brier"])])
@@ -543,9 +564,12 @@ def render_html(metrics: Dict[str, Any], images: Dict[str, bytes], sources: Tupl
             continue
         kap = lambda k: f"{_f(k['kappa'])} ({_f(k['ci_low'])} to {_f(k['ci_high'])})"  # noqa: E731
         merged = " (4A-4C merged into 4: some readers do not subdivide 4)" if ra["subdivisions_merged"] else ""
+        scale = ("" if ra.get("scale", "birads") == "birads" else
+                 " (the likelihoods put into the ACR atlas' categories: 0 % 2, up to 2 % 3, up to 10 % 4A, up to 50 % "
+                 "4B, below 95 % 4C, from 95 % 5)")
         parts.append(f"<h2>{title}</h2>" + f"<p>Grades {', '.join(g.upper() for g in ra['categories'])}"
-                     f"{html.escape(merged)}; a call is positive from BI-RADS {html.escape(ra['positive_from'].upper())} "
-                     "on. Cohen's kappa with its large-sample CI.</p>" + _table(
+                     f"{html.escape(merged + scale)}; a call is {html.escape(ra['call'])}. Cohen's kappa with its "
+                     "large-sample CI.</p>" + _table(
                          ["reader a", "reader b", "n", "same grade", "kappa", "kappa, linear weights",
                           "kappa of the positive call"],
                          [[p["a"], p["b"], p["n"], _f(p["exact_agreement"]), kap(p["kappa"]), kap(p["kappa_linear"]),
@@ -672,11 +696,14 @@ def write_outputs(out: Path, metrics: Dict[str, Any], tsne_doc: Optional[Dict[st
 def run_evaluation(predictions: str | Path, truth: str | Path, out: str | Path, *, columns: Optional[Sequence[str]] = None,
                    task: str = "malignancy", threshold: str | float = 0.5, embeddings: Optional[str | Path] = None,
                    n_boot: int = 2000, seed: int = 0, readers: Sequence[str] = (),
-                   reader_positive: str = rd.DEFAULT_POSITIVE, aided: Sequence[str] = ()) -> Dict[str, Any]:
+                   reader_positive: Optional[str] = None, aided: Sequence[str] = (),
+                   reader_scale: str = "birads") -> Dict[str, Any]:
     """Evaluate and write ``out``/{metrics.json, report.html, *.png}; returns the metrics (JSON-ready).
 
-    ``readers``: columns of the predictions holding readers' BI-RADS grades (a reader study); without
-    ``columns`` they are evaluated beside the task's default score column when the predictions have one.
+    ``readers``: columns of the predictions holding readers' ratings (a reader study): BI-RADS grades, or with
+    ``reader_scale="percent"`` likelihoods of malignancy 0-100; without ``columns`` they are evaluated beside the
+    task's default score column when the predictions have one.  ``reader_positive``: the grade from which (or the
+    likelihood above which) a reader's call is positive; None = 4A, or 2 %.
     ``aided``: for each reader column, in the same order, the column of that reader's grades read with the AI's
     help; they are evaluated as reader columns too, and the study gets an MRMC analysis of unaided against aided
     reading (every reader graded the cases both ways; a case with any grade missing is left out)."""
@@ -703,8 +730,8 @@ def run_evaluation(predictions: str | Path, truth: str | Path, out: str | Path, 
     if both:
         raise EvaluationInputError(f"{', '.join(repr(c) for c in both)} is named both as a score column and as a "
                                    "reader column; a column is one or the other.")
-    rd.positive_from(reader_positive)  # a bad --reader-positive is refused before any file is read
-    joined = join_predictions(predictions, truth, cols, task, readers)
+    rd.reader_call(reader_scale, reader_positive)  # bad reader options are refused before any file is read
+    joined = join_predictions(predictions, truth, cols, task, readers, reader_scale)
     emb = load_embeddings(embeddings, truth, task) if embeddings else None
     metrics = evaluate(joined, threshold, n_boot=n_boot, seed=seed, reader_positive=reader_positive, aided=pairs)
     tsne_doc = tsne(*emb, seed=seed) if emb is not None else None

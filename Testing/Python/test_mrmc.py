@@ -292,3 +292,32 @@ def test_a_single_cancer_leaves_the_ai_versus_readers_analysis_out_but_not_the_e
                  "--readers", "r1,r2"]) == 0
     m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert m["ai_vs_readers"] is None and m["columns"]["r1"]["auc"]["value"] == 1.0
+
+
+def test_likelihood_ratings_give_the_same_mrmc_as_the_grades(study, capsys):
+    """The Van Dyke ratings 1-5 put on the percent scale by an order-keeping map (1, 5, 25, 70, 97 %: one ACR
+    category each) must give the published OR-DBM MRMC figures again, and the same agreement as the grades 1-5."""
+    to_pct = {"1": "1", "2": "5", "3": "25", "4": "70", "5": "97"}
+    rows = list(csv.reader(open(study["preds"], newline="", encoding="utf-8")))
+    preds = _write(study["dir"] / "pct.csv", rows[0], [[r[0], *[to_pct[v] for v in r[1:]]] for r in rows[1:]])
+    rs = study["readers"]
+    args = ["--readers", ",".join(rs), "--aided", ",".join(f"{r}_ai" for r in rs)]
+    assert _run(study, study["dir"] / "grades", *args) == 0
+    out = study["dir"] / "pct"
+    capsys.readouterr()
+    # above 50 % = the grades 4 and 5, as BI-RADS grades positive from 4A
+    assert main(["evaluate", str(preds), "--truth", str(study["truth"]), "--out", str(out), "--n-boot", "20", *args,
+                 "--reader-scale", "percent", "--reader-positive", "50"]) == 0
+    assert "aided - unaided 0.044 (95% CI -0.000 to 0.088), F(1, 15.26) = 4.46, p = 0.0517" in capsys.readouterr().out
+    g = json.loads((study["dir"] / "grades" / "metrics.json").read_text(encoding="utf-8"))
+    p = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert p["mrmc"]["frrc"]["statistic"] == pytest.approx(5.47595, abs=5e-6)
+    assert p["mrmc"]["auc"]["aided"]["r4"] == pytest.approx(0.92995169, abs=1e-8)
+    assert p["reader_agreement"]["categories"] == ["3", "4a", "4b", "4c", "5"]
+    for key in ("reader_agreement", "reader_agreement_aided"):
+        for a, b in zip(g[key]["pairs"], p[key]["pairs"]):
+            for k in ("kappa", "kappa_linear", "kappa_positive_call"):
+                assert a[k]["kappa"] == pytest.approx(b[k]["kappa"], abs=1e-12)
+        assert g[key]["fleiss"]["kappa"] == pytest.approx(p[key]["fleiss"]["kappa"], abs=1e-12)
+    for r in rs:
+        assert g["columns"][r]["operating_point"]["confusion_matrix"] == p["columns"][r]["operating_point"]["confusion_matrix"]

@@ -191,3 +191,90 @@ def test_readers_who_all_give_one_grade_have_undefined_kappa_not_an_error():
     assert ra["categories"] == ["3"] and all(p["exact_agreement"] == 1.0 for p in ra["pairs"])
     assert all(np.isnan(p["kappa"]["kappa"]) and np.isnan(p["kappa_linear"]["kappa"]) for p in ra["pairs"])
     assert np.isnan(ra["fleiss"]["kappa"]) and ra["fleiss"]["n_raters"] == 3   # written as null in metrics.json
+
+
+# ------------------------------------------------------------------------------ --reader-scale percent
+# The same ten cases rated as likelihoods of malignancy (%).  Put into the ACR atlas' categories (0 -> 2, up to
+# 2 -> 3, up to 10 -> 4A, up to 50 -> 4B, below 95 -> 4C, else 5) they are exactly g1 and g2 above.
+PERCENT = {"reader1": ["97", "30", "5", "2", "8", "1", "0", "40", "2%", "0"],
+           "reader2": ["80", "30", "1", "6", "2", "1.5", "0", "9", "3", "0"]}
+# Reader 1, malignant 97 30 5 2 against benign 8 1 0 40 2 0 (24 pairs): 97 beats 6; 30 beats 5; 5 beats 4; 2 beats
+#   3 and ties 1 (c9, 0.5) -> 18.5 / 24.
+# Positive above 2 % (the default): c1 c2 c3 malignant, c5 c8 benign; c4 and c9 rated exactly 2 are negative ->
+#   TP 3, FN 1, FP 2, TN 4.  Above 5 %: c1 c2; c5 c8 -> TP 2, FN 2, FP 2, TN 4.
+# Reader 2 positive above 2 %: c1 c2 c4 c8 c9 -> the same calls as from 4A in the grade study: kappa 0.2.
+
+
+@pytest.fixture()
+def percent_study(study):
+    preds = _write(study["dir"] / "percent.csv", ["case_id", "probability_malignant", "reader1", "reader2"],
+                   [(c, f"{s:.2f}", PERCENT["reader1"][i], PERCENT["reader2"][i])
+                    for i, (c, _, s, *_) in enumerate(CASES)])
+    return {**study, "preds": preds}
+
+
+def test_likelihood_ratings_are_scored_as_they_are_and_called_above_2_percent(percent_study, capsys):
+    out = percent_study["dir"] / "pct"
+    assert _run(percent_study, out, "--readers", "reader1,reader2", "--reader-scale", "percent") == 0
+    m = _metrics(out)
+    inp = m["inputs"]
+    assert (inp["reader_scale"], inp["reader_positive_above"], inp["reader_positive_from"]) == ("percent", 2.0, None)
+    r1 = m["columns"]["reader1"]
+    assert r1["auc"]["value"] == pytest.approx(18.5 / 24)
+    assert r1["operating_point"]["confusion_matrix"] == {"tp": 3, "fn": 1, "fp": 2, "tn": 4}
+    assert r1["calibration"] is None
+    cmp = next(c for c in m["comparisons"] if (c["a"], c["b"]) == ("probability_malignant", "reader1"))
+    ref = delong_test(percent_study["y"], np.array([c[2] for c in CASES]),
+                      np.array([97, 30, 5, 2, 8, 1, 0, 40, 2, 0], dtype=float))
+    assert cmp["delong"]["p_value"] == pytest.approx(ref.p_value)
+    (pair,) = m["reader_agreement"]["pairs"]
+    assert m["reader_agreement"]["scale"] == "percent"
+    assert pair["kappa"]["kappa"] == pytest.approx(0.19 / 0.79)               # g1 against g2, as above
+    assert pair["kappa_positive_call"]["kappa"] == pytest.approx(0.2)
+    printed = capsys.readouterr().out
+    assert "reader1: AUC 0.771" in printed and "positive above 2 % likelihood of malignancy" in printed
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "above 2 %" in page and "ACR atlas" in page
+
+
+def test_reader_positive_on_the_percent_scale(percent_study, capsys):
+    out = percent_study["dir"] / "pct5"
+    assert _run(percent_study, out, "--readers", "reader1", "--reader-scale", "percent", "--reader-positive", "5%") == 0
+    assert _metrics(out)["columns"]["reader1"]["operating_point"]["confusion_matrix"] == \
+        {"tp": 2, "fn": 2, "fp": 2, "tn": 4}
+    for bad in ("4a", "100", "-1"):
+        err = _refused(percent_study, percent_study["dir"] / "x", capsys, "--readers", "reader1",
+                       "--reader-scale", "percent", "--reader-positive", bad)
+        assert "likelihood of malignancy" in err and "from 0 to below 100" in err
+
+
+@pytest.mark.parametrize("cell", ["4a", "150", "-3", "inf", "likely"])
+def test_a_cell_that_is_no_likelihood_is_refused(percent_study, capsys, cell):
+    rows = [(c, f"{s:.2f}", cell if c == "c7" else PERCENT["reader1"][i]) for i, (c, _, s, *_) in enumerate(CASES)]
+    preds = _write(percent_study["dir"] / "bad.csv", ["case_id", "probability_malignant", "reader1"], rows)
+    err = _refused(percent_study, percent_study["dir"] / "bad", capsys, "--readers", "reader1",
+                   "--reader-scale", "percent", preds=preds)
+    assert "'reader1'" in err and "c7" in err and "from 0 to 100 %" in err
+
+
+def test_grades_given_to_the_percent_scale_and_probabilities_are_caught(percent_study, capsys):
+    # BI-RADS grades 2-5 read as percentages would be silently wrong for most of them: "4a" is refused above;
+    # ratings that are all at most 1 are most likely probabilities, and the report says so.
+    rows = [(c, f"{s:.2f}", f"{float(PERCENT['reader1'][i].rstrip('%')) / 100:g}")
+            for i, (c, _, s, *_) in enumerate(CASES)]
+    preds = _write(percent_study["dir"] / "prob.csv", ["case_id", "probability_malignant", "reader1"], rows)
+    out = percent_study["dir"] / "prob"
+    assert _run(percent_study, out, "--readers", "reader1", "--reader-scale", "percent", preds=preds) == 0
+    r1 = _metrics(out)["columns"]["reader1"]
+    assert r1["auc"]["value"] == pytest.approx(18.5 / 24)                    # ranks unchanged
+    assert r1["operating_point"]["confusion_matrix"] == {"tp": 0, "fn": 4, "fp": 0, "tn": 6}
+    assert any("multiply them by 100" in n for n in r1["notes"])
+
+
+def test_percent_categories_follow_the_acr_atlas():
+    got = [rd.percent_grade(p) for p in (0, 0.5, 2, 2.01, 10, 10.5, 50, 50.1, 94.9, 95, 100)]
+    assert got == ["2", "3", "3", "4a", "4a", "4b", "4b", "4c", "4c", "5", "5"]
+    assert [rd.parse_percent(t, "r", "c") for t in ("7.5", " 12 % ", "", "NaN")] == [7.5, 12.0, None, None]
+    call = rd.reader_call("percent")
+    assert call.cut > 2.0 and not 2.0 >= call.cut and 2.000001 >= call.cut
+    assert rd.reader_call("birads").cut == 4.0 and rd.reader_call("birads", "4b").cut == 4.3
