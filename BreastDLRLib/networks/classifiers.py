@@ -10,7 +10,8 @@
 * :func:`predict_frames` — per-lesion probability as the mean of the per-frame softmax P(malignant).
 * :func:`build_classifier` — rebuild a network from a bundle manifest's ``architecture``/``arguments``.
 
-Trunks are torchvision ResNets (or VGGs, :class:`VGGTrunk`) built with ``weights=None`` (nothing is downloaded).  Class index 1 is
+Trunks are torchvision ResNets (or VGGs, :class:`VGGTrunk`, or the segmenter's EfficientNet-b0 encoder,
+:class:`EfficientNetTrunk`) built with ``weights=None`` (nothing is downloaded).  Class index 1 is
 "malignant" (or "high risk") by convention.
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ VGGS: Dict[str, Callable[..., nn.Module]] = {   # Yang et al. 2024 (CLDLR) used 
     "vgg11_bn": tv_models.vgg11_bn,
     "vgg11": tv_models.vgg11,
 }
-BACKBONES: Tuple[str, ...] = tuple(RESNETS) + tuple(VGGS)
+EFFICIENTNETS: Tuple[str, ...] = ("efficientnet-b0",)   # the segmenter's encoder (segmentation-models-pytorch)
+BACKBONES: Tuple[str, ...] = tuple(RESNETS) + tuple(VGGS) + EFFICIENTNETS
 
 PlaneInput = Union[torch.Tensor, Mapping[str, Optional[torch.Tensor]]]
 
@@ -116,8 +118,59 @@ class VGGTrunk(nn.Module):
         return [m for m in self.features if isinstance(m, nn.ReLU)][-1]
 
 
+class EfficientNetTrunk(nn.Module):
+    """The EfficientNet-b0 encoder of segmentation-models-pytorch (the lesion segmenter's encoder) and global
+    average pooling, so that a classifier can start from a trained segmenter (:meth:`load_segmenter_encoder`).
+
+    ``forward(x: (B, C, H, W)) -> (B, 320)``.  Each image is standardised to zero mean and unit variance first,
+    as the segmenter's input is; grey input is replicated to ``in_channels``.
+    """
+
+    def __init__(self, backbone: str = "efficientnet-b0", in_channels: int = 3) -> None:
+        super().__init__()
+        if backbone not in EFFICIENTNETS:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+        from segmentation_models_pytorch.encoders import get_encoder
+
+        self.encoder = get_encoder(backbone, in_channels=in_channels, depth=5, weights=None)
+        self.backbone, self.in_channels = backbone, int(in_channels)
+        self.out_features = int(self.encoder.out_channels[-1])
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _match_channels(x, self.in_channels)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+        return torch.flatten(self.avgpool(self.encoder((x - mean) / std)[-1]), 1)
+
+    def last_conv_block(self) -> nn.Module:
+        """The encoder's last MBConv block: its output is the (B, 320, H/32, W/32) map that is pooled."""
+        return self.encoder._blocks[-1]
+
+    def load_segmenter_encoder(self, state: Mapping[str, torch.Tensor]) -> int:
+        """Copy the encoder of a trained segmenter (its state dict, keys ``encoder.*``) into this trunk; a
+        1-channel segmenter's first convolution is spread over the trunk's identical grey channels.  Returns
+        the number of tensors copied; an encoder of another shape is an error."""
+        enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        own = self.encoder.state_dict()
+        stem = "_conv_stem.weight"
+        if stem in enc and enc[stem].shape[1] != own[stem].shape[1]:
+            if enc[stem].shape[1] != 1:
+                raise ValueError(f"the segmenter's encoder takes {enc[stem].shape[1]} channels, this trunk "
+                                 f"{own[stem].shape[1]}")
+            enc[stem] = enc[stem].repeat(1, own[stem].shape[1], 1, 1) / own[stem].shape[1]
+        bad = sorted(k for k in own if k not in enc or enc[k].shape != own[k].shape)
+        if bad:
+            raise ValueError(f"the segmenter's encoder does not fit this {self.backbone} trunk ({len(bad)} tensors "
+                             f"missing or of another shape, e.g. {bad[0]})")
+        self.encoder.load_state_dict({k: enc[k] for k in own})
+        return len(own)
+
+
 def make_trunk(backbone: str = "resnet50", in_channels: int = 3) -> nn.Module:
-    """A ResNet or VGG trunk by name (``BACKBONES``), built with ``weights=None``."""
+    """A ResNet, VGG or EfficientNet trunk by name (``BACKBONES``), built with ``weights=None``."""
+    if backbone in EFFICIENTNETS:
+        return EfficientNetTrunk(backbone, in_channels)
     if backbone in VGGS:
         return VGGTrunk(backbone, in_channels)
     if backbone in RESNETS:

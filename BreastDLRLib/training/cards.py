@@ -108,7 +108,10 @@ TASKS = {
 
 
 TRUNK_NAMES = {"resnet18": "ResNet18", "resnet34": "ResNet34", "resnet50": "ResNet50", "resnet101": "ResNet101",
-               "vgg11_bn": "VGG11 (with batch normalisation)", "vgg11": "VGG11"}
+               "vgg11_bn": "VGG11 (with batch normalisation)", "vgg11": "VGG11", "efficientnet-b0": "EfficientNet-b0"}
+
+
+TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "vgg11_bn", "vgg11")
 
 
 def retrain_options(cfg: Dict[str, Any]) -> str:
@@ -170,14 +173,20 @@ def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path)
                   "used the exact crops.\n" if cfg.get("box_views") else "")
     init_text = (f"Fine-tuned from the trained bundle(s) `{cfg['init']}` (the trunk from the first, each task's "
                  "last layer from its own), on the same patient split.\n" if cfg.get("init") else "")
+    source = "torchvision" if backbone in TORCHVISION else "segmentation-models-pytorch encoder"
+    if cfg.get("init_encoder"):
+        origin = (f"{source}, `weights=None`, no ImageNet weights; started from the encoder of the lesion segmenter "
+                  f"`{Path(cfg['init_encoder']).name}`, which was trained on the same patient split and so never saw "
+                  "the validation patients")
+    else:
+        origin = f"{source}, `weights=None`, trained from scratch, no\nImageNet weights"
     card = f"""# Model card: {name}
 
 **Intended use.** {INTENDED_USE}
 
 **Task.** {task_text}, from one 2D ultrasound crop around a lesion ({'the malignancy model "BM"' if role == 'malignancy' else 'the BI-RADS risk model "LH"'} of the two-stage assessment of Lu et al. 2025).
 
-**What it is.** {design} {trunk} trunk (torchvision, `weights=None`, trained from scratch, no
-ImageNet weights) whose classifier is fc → 128 (the image embedding) → 2. Input: the transverse crop cut by
+**What it is.** {design} {trunk} trunk ({origin}) whose classifier is fc → 128 (the image embedding) → 2. Input: the transverse crop cut by
 `BreastDLRLib.planes.crop_planes` around the lesion's bounding box (margin {cfg['margin']} of its {cfg.get('margin_of', 'longer')} side on each side),
 isotropic, {cfg['size']}x{cfg['size']} pixels (smaller than the papers' 224 so that it trains on a 2-core CPU), min-max normalised.
 {"Trained jointly with the " + " and ".join(joint) + " heads on one shared trunk and embedding (two outputs per task), " if joint else ""}Training: preset `{cfg['preset']}`, class-balanced cross-entropy, MONAI augmentation (flip, affine, gamma, gain),
@@ -191,7 +200,7 @@ by dataset {by_ds}; with the left-right mirror averaged in (the test-time augmen
 `analyze`/`predict` apply) AUC {m.get('auc_tta_hflip', float('nan')):.3f}; {bf16_text}.
 Best epoch {m['best_epoch']} of {m['epochs_run']}.
 
-**Limits.** Trained from scratch on about two thousand images; the project's quality goal (AUC >= 0.90 on
+**Limits.** Trained {'(after the segmenter)' if cfg.get('init_encoder') else 'from scratch'} on about two thousand images; the project's quality goal (AUC >= 0.90 on
 unseen patients) is {'met' if m['auc'] >= 0.9 else 'NOT met'} on this validation fold. Not calibrated for any
 population; the threshold 0.5 is not tuned to a clinical operating point. Not validated on ABVS volumes (used there
 on transverse slices only when no three-plane model is installed).

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..networks.classifiers import build_classifier
 from ..progress import step_bar
 from ..segmentation import cpu_has_fast_bf16
@@ -63,6 +64,7 @@ class ClassifierConfig:
     box_views: int = 0                  # extra training crops per lesion around jittered boxes (see jittered_boxes)
     box_jitter: float = 0.2             # how far each box edge may move, as a fraction of the box's side
     init: str = ""                      # start from trained bundles (comma-separated, one per task) instead of scratch
+    init_encoder: str = ""              # start an efficientnet-b0 trunk from a trained segmenter bundle's encoder
 
 
 TASK_NAMES = ("malignancy", "risk")
@@ -217,6 +219,32 @@ def init_from_bundles(model, bundles: List[str], tasks: Tuple[str, ...], log: Ca
     model.load_state_dict(state)
 
 
+def init_from_segmenter(model, bundle: str, cfg: ClassifierConfig, log: Callable[[str], None] = print) -> None:
+    """Start an EmbeddingNet's efficientnet-b0 trunk from the encoder of a trained segmenter bundle (checked by
+    its checksum).  The segmenter must not have seen the classifier's validation patients, so it must have been
+    trained on the same patient split (``split`` "shared", the same folds, held-out fold and seed), as the
+    shipped one was; any other segmenter is refused."""
+    from ..bundles import open_bundle
+
+    b = open_bundle(bundle)
+    enc = b.manifest.get("arguments", {}).get("encoder_name")
+    if b.manifest.get("architecture") != "Unet" or enc != model.backbone:
+        raise InputError(f"--init-encoder {bundle}: a {b.manifest.get('architecture')} with encoder {enc}, not a "
+                         f"segmenter with the {model.backbone} encoder of this classifier (--backbone {model.backbone})")
+    sc = (b.manifest.get("provenance") or {}).get("config") or {}
+    want = {"split": "shared", "folds": cfg.folds, "val_fold": cfg.val_fold, "seed": split_seed_of(cfg)}
+    got = {k: sc.get(k) for k in want}
+    if got != want:
+        raise InputError(f"--init-encoder {bundle}: the segmenter was trained on another patient split ({got}) than "
+                         f"this classifier's ({want}), so its encoder may have seen the validation patients; train "
+                         "the segmenter on the same split first")
+    try:
+        n = model.trunk.load_segmenter_encoder({k: v.float() for k, v in b.model("cpu").state_dict().items()})
+    except ValueError as exc:
+        raise InputError(f"--init-encoder {bundle}: {exc}") from None
+    log(f"[train] trunk initialised from the encoder of {b.manifest.get('name')} ({n} tensors)")
+
+
 def augmenter(seed: int):
     """The classifiers' augmentation (crops only)."""
     return ultrasound_augmenter(seed, with_mask=False, affine_prob=0.8, scale=0.2, translate=10)
@@ -295,8 +323,12 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
         log(f"[train] {name}: {int((ytr >= 0).sum())} training, {int((yva >= 0).sum())} validation crops; "
             f"positives {ytr[ytr >= 0].mean():.2f} / {yva[yva >= 0].mean():.2f}")
     model = build_classifier("EmbeddingNet", backbone=backbone, embedding_dim=128, num_classes=2 * len(tasks), dropout=0.2)
+    if cfg.init and cfg.init_encoder:
+        raise ValueError("--init and --init-encoder both set the trunk; choose one")
     if cfg.init:
         init_from_bundles(model, [b for b in cfg.init.split(",") if b], tasks, log)
+    if cfg.init_encoder:
+        init_from_segmenter(model, cfg.init_encoder, cfg, log)
     model = model.to(memory_format=torch.channels_last)
     if preset["optimizer"] == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=preset.get("momentum", 0.9), weight_decay=cfg.weight_decay)

@@ -67,8 +67,12 @@ def register(sub) -> None:
                    help="classifiers: seed of the patient split alone (default: --seed); members of an ensemble "
                         "are trained with other --seed values and one --split-seed (scripts/make_ensemble.py)")
     t.add_argument("--size", type=int, help="input size in pixels (default: 128 for the segmenter and the classifiers)")
-    t.add_argument("--backbone", choices=("resnet50", "resnet18", "vgg11_bn"), default=None,
-                   help="classifiers: the trunk (default: the preset's; resnet50, vgg11_bn for yang2024)")
+    t.add_argument("--backbone", choices=("resnet50", "resnet18", "vgg11_bn", "efficientnet-b0"), default=None,
+                   help="classifiers: the trunk (default: the preset's; resnet50, vgg11_bn for yang2024; "
+                        "efficientnet-b0 with --init-encoder)")
+    t.add_argument("--init-encoder", metavar="SEGMENTER", default=None,
+                   help="classifiers: start an efficientnet-b0 trunk from the encoder of this segmenter bundle, "
+                        "which must have been trained on the same patient split (same --folds, --val-fold and seed)")
     t.add_argument("--box-views", type=int, default=None,
                    help="classifiers: extra training crops per lesion around randomly perturbed lesion boxes, one "
                         "drawn per epoch with the exact crop (default 0); validation stays on exact crops")
@@ -106,7 +110,8 @@ def make_config(a: argparse.Namespace):
         from .segmenter import SegmenterConfig
 
         extra = [n for n, v in (("--preset", a.preset), ("--backbone", a.backbone), ("--split-seed", a.split_seed),
-                                ("--box-views", a.box_views), ("--box-jitter", a.box_jitter)) if v is not None]
+                                ("--box-views", a.box_views), ("--box-jitter", a.box_jitter),
+                                ("--init-encoder", a.init_encoder)) if v is not None]
         if extra:
             verb = "apply" if len(extra) > 1 else "applies"
             raise InputError(f"{' and '.join(extra)} {verb} to the malignancy and risk classifiers only; the "
@@ -122,9 +127,18 @@ def make_config(a: argparse.Namespace):
         raise InputError(f"--box-views must be 0 or more, got {a.box_views}.")
     if a.box_jitter is not None and not 0 <= a.box_jitter < 0.5:
         raise InputError(f"--box-jitter must be at least 0 and below 0.5 (a fraction of the box's side), got {a.box_jitter}.")
+    if a.init_encoder:
+        if a.backbone not in (None, "efficientnet-b0"):
+            raise InputError(f"--init-encoder starts an efficientnet-b0 trunk (the segmenter's encoder), not a "
+                             f"{a.backbone}; leave out --backbone or give efficientnet-b0.")
+        if a.cv:
+            raise InputError("--init-encoder with --cv: one segmenter has trained on the images of every fold but "
+                             "its own held-out one, so the other folds would be measured on patients its encoder "
+                             "has seen; train one segmenter per fold and run each fold with --val-fold.")
     preset = a.preset or "cpu"
     base = ClassifierConfig()
-    return ClassifierConfig(task=a.task, backbone=a.backbone or PRESETS[preset].get("backbone", "resnet50"),
+    default_backbone = "efficientnet-b0" if a.init_encoder else PRESETS[preset].get("backbone", "resnet50")
+    return ClassifierConfig(task=a.task, backbone=a.backbone or default_backbone, init_encoder=a.init_encoder or "",
                             size=a.size or base.size,
                             preset=preset, epochs=a.epochs or PRESETS[preset]["epochs"],
                             batch_size=a.batch_size or PRESETS[preset]["batch_size"], lr=a.lr or PRESETS[preset]["lr"],
@@ -494,6 +508,8 @@ def command_line(task: str, manifest: Path, out: Path, config: Dict[str, Any], c
     args = ["breastdlr", "train", task, "--manifest", manifest.name, "--out", out.name]
     if task != "segmenter":
         args += ["--preset", config["preset"], "--backbone", config["backbone"]]
+        if config.get("init_encoder"):
+            args += ["--init-encoder", Path(config["init_encoder"]).name]
     args += ["--epochs", config["epochs"], "--batch-size", config["batch_size"], "--lr", config["lr"],
              "--size", config["size"], "--folds", config["folds"], "--seed", config["seed"]]
     if config.get("split_seed") is not None:

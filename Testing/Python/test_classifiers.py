@@ -359,3 +359,32 @@ def test_ensemble_head_on_the_ensembles_embedding_gives_its_probabilities():
         with pytest.raises(ValueError, match="24 wide"):
             ens.classifier(feats[:, :16])
     assert not any("heads" in k for k in ens.state_dict())            # a view on the members' layers, stored once
+
+
+def test_efficientnet_trunk_takes_over_the_segmenter_encoder_exactly():
+    """A classifier started from the segmenter sees, on a grey image replicated to 3 channels, exactly the
+    features the segmenter's encoder computes on the standardised 1-channel image (the stem spread over the
+    channels); Grad-CAM runs on its last block."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from BreastDLRLib.networks.segmenter import build_segmenter
+
+    torch.manual_seed(0)
+    seg = build_segmenter(in_channels=1).eval()
+    net = EmbeddingNet(backbone="efficientnet-b0", embedding_dim=16).eval()
+    assert net.trunk.load_segmenter_encoder(seg.state_dict()) == len(net.trunk.encoder.state_dict())
+    grey = torch.rand(2, 1, 64, 64) * 255
+    z = (grey - grey.mean(dim=(1, 2, 3), keepdim=True)) / grey.std(dim=(1, 2, 3), keepdim=True)
+    with torch.no_grad():
+        want = seg.encoder(z)[-1].mean(dim=(2, 3))
+        torch.testing.assert_close(net.trunk(grey.repeat(1, 3, 1, 1)), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(net.trunk(grey.repeat(1, 3, 1, 1)), net.trunk(grey))
+    assert net.trunk.out_features == 320 and net.config()["arguments"]["backbone"] == "efficientnet-b0"
+    with GradCAM(model=net, target_layers=[net.feature_layers()["image"]]) as cam:
+        heat = cam(input_tensor=grey[:1].repeat(1, 3, 1, 1) / 255, targets=[ClassifierOutputTarget(1)])
+    assert heat.shape == (1, 64, 64) and np.isfinite(heat).all()
+    # an encoder of another kind does not fit
+    other = build_segmenter(encoder_name="resnet18", in_channels=1)
+    with pytest.raises(ValueError, match="does not fit"):
+        net.trunk.load_segmenter_encoder(other.state_dict())

@@ -348,3 +348,37 @@ def test_joint_training_script_stores_the_trunk_once_and_fine_tunes_from_it(mani
     z = np.load(tmp_path / "we" / "val_risk.npz")
     assert list(z["case_id"]) == list(np.load(tmp_path / "w1" / "val_risk.npz")["case_id"])
     assert elh.manifest["metrics"]["auc"] == pytest.approx(roc_auc(z["labels"], z["probs"]).auc, abs=1e-12)
+
+
+def test_a_classifier_starts_from_the_segmenter_trained_on_its_split(manifest, tmp_path, capsys):
+    """--init-encoder: the efficientnet-b0 trunk starts from the segmenter's encoder (with a vanishing learning
+    rate the trained trunk is still that encoder), the card and the retrain command say so, and a segmenter of
+    another split, --cv or another backbone are refused."""
+    import torch
+
+    seg = tmp_path / "seg"
+    assert _train("segmenter", "--manifest", str(manifest), "--out", str(seg), "--folds", "2", *FAST) == 0
+    out = tmp_path / "bm"
+    assert _train("malignancy", "--manifest", str(manifest), "--out", str(out), "--folds", "2", "--init-encoder",
+                  str(seg), "--lr", "1e-12", *FAST) == 0
+    b = open_bundle(out)
+    assert b.manifest["arguments"]["backbone"] == "efficientnet-b0"
+    assert b.manifest["provenance"]["config"]["init_encoder"] == str(seg)
+    assert f"--init-encoder {seg.name}" in b.manifest["provenance"]["command"]
+    assert "started from the encoder of the lesion segmenter `seg`" in (out / "MODEL_CARD.md").read_text()
+    enc = {k[len("encoder."):]: v.float() for k, v in open_bundle(seg).model().state_dict().items()
+           if k.startswith("encoder.")}
+    trunk = b.model().trunk.encoder.state_dict()
+    torch.testing.assert_close(trunk["_blocks.15._project_conv.weight"], enc["_blocks.15._project_conv.weight"],
+                               rtol=1e-3, atol=1e-3)                    # stored in float16
+    torch.testing.assert_close(trunk["_conv_stem.weight"] * 3, enc["_conv_stem.weight"].repeat(1, 3, 1, 1),
+                               rtol=1e-3, atol=1e-3)
+    capsys.readouterr()
+    for args, expected in ((["--val-fold", "1"], "another patient split"), (["--cv"], "--init-encoder with --cv"),
+                           (["--backbone", "resnet18"], "starts an efficientnet-b0 trunk")):
+        bad = tmp_path / "bad"
+        assert _train("malignancy", "--manifest", str(manifest), "--out", str(bad), "--folds", "2", "--init-encoder",
+                      str(seg), *args, *FAST) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("breastdlr: error: ") and expected in err and "\n" not in err
+        assert not bad.exists()
