@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Retrain every shipped model from the public data (see each MODEL_CARD.md) and refresh Resources/Models.
-# About 2.5 hours on a 2-core CPU without native bf16 (measured 2026-11-30: the classifiers' 22 epochs took 62 min
-# with 2 threads alone; on a CPU with native bf16 less).  Two jobs at a time, one thread each.
+# About 3 hours on a 2-core CPU without native bf16 (measured with 2 threads alone: the segmenter 38 min, BM and LH
+# 22 min after it, the ResNet50 pair for the ABVS model 62 min; on a CPU with native bf16 less).  Two jobs at a
+# time, one thread each.
 # Usage: bash scripts/retrain_models.sh [path/to/breast-us/manifest.csv]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,17 +13,22 @@ work="${WORK:-runs}"
 py=.venv/bin/python
 # two trainings side by side, one thread each: more threads than cores makes OpenMP spin and runs 5-10x slower
 export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
+# The segmenter first (real images, then synthetic 2D images and ABVS slices added), then BM and LH from its
+# encoder; side by side, the ResNet50 pair of the earlier recipe, which only initialises the ABVS three-plane model.
 ( $py scripts/train_segmenter.py --manifest "$manifest" --out "$work/segmenter-real" --work "$work/segmenter" --threads 1
   $py scripts/make_mixed_manifest.py --manifest "$manifest" --out "$work/mix"
   $py scripts/train_segmenter.py --manifest "$work/mix/manifest.csv" --init "$work/segmenter-real" --epochs 7 --lr 0.0005 \
       --out Resources/Models/breastdlr-segmenter-2d --work "$work/segmix" --threads 1 \
-      --card-command "bash scripts/retrain_models.sh (segmenter part: real images, then synthetic 2D images and ABVS slices added)" ) &
-# The segmenter's folds are the classifiers' (BreastDLRLib.training.splits), so the end-to-end check below runs on
-# patients neither model trained on.
-# BM and LH: one ResNet50 trunk, two heads (its bundles declare the mirror test-time augmentation); LH's bundle
-# keeps only its last layer and takes the trunk from BM's weights file
+      --card-command "bash scripts/retrain_models.sh (segmenter part: real images, then synthetic 2D images and ABVS slices added)"
+  # The segmenter's folds are the classifiers' (BreastDLRLib.training.splits), so its encoder never saw BM's and LH's
+  # held-out patients, and the end-to-end check below runs on patients no model trained on.
+  # BM and LH: one EfficientNet-b0 trunk started from the segmenter's encoder, two heads (the bundles declare the
+  # mirror test-time augmentation); LH's bundle keeps only its last layer and takes the trunk from BM's weights file
+  $py scripts/train_classifier.py --manifest "$manifest" --task both --seed 0 --epochs 22 --patience 30 \
+      --backbone efficientnet-b0 --init-encoder Resources/Models/breastdlr-segmenter-2d \
+      --out Resources/Models --work "$work/classifiers" --threads 1 ) &
 $py scripts/train_classifier.py --manifest "$manifest" --task both --seed 0 --epochs 22 --patience 30 \
-    --out Resources/Models --work "$work/classifiers" --threads 1
+    --out "$work/resnet50" --work "$work/resnet50-work" --threads 1
 wait
 # the segmenter on its held-out patients at full resolution; its manifest then declares the mirror on single images
 $py scripts/segmenter_heldout.py --manifest "$manifest" --out "$work/segmenter-heldout.json" --declare
@@ -30,7 +36,7 @@ for task in malignancy risk; do   # held-out probabilities with the mirror, for 
   $py scripts/add_mirror_tta.py --manifest "$manifest" --task "$task" --bundle "Resources/Models/breastdlr-$task-2d" \
       --work "$work/tta"
 done
-$py scripts/train_abvs.py --init Resources/Models/breastdlr-malignancy-2d --out Resources/Models/breastdlr-abvs-threeplane --epochs 8
+$py scripts/train_abvs.py --init "$work/resnet50/breastdlr-malignancy-2d" --out Resources/Models/breastdlr-abvs-threeplane --epochs 8
 $py scripts/train_fusion.py --manifest "$manifest" --val "$work/tta/val_malignancy.npz" \
     --out Resources/Models/breastdlr-fusion-age
 morphology() {   # image score + handcrafted features of the reader's outline (seconds)

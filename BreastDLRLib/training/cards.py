@@ -137,7 +137,8 @@ def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path)
     backbone = res["arguments"].get("backbone", "resnet50")
     trunk = TRUNK_NAMES.get(backbone, backbone)
     svm = m.get("svm_head")
-    design = ("Yang et al. 2024 (CLDLR): deep features of a" if svm else "EmbeddingNet (Lu et al. 2025): a")
+    article = "an" if trunk[:1] in "AEIOU" else "a"
+    design = (f"Yang et al. 2024 (CLDLR): deep features of {article}" if svm else f"EmbeddingNet (Lu et al. 2025): {article}")
     head_text = (f"A linear support vector machine (C={svm['C']}, {svm['n_support']} support vectors, standardised "
                  f"embeddings, {svm['calibration']}) was then fitted on the embeddings of the training crops and "
                  "written exactly into the last layer, so the probability is the SVM's calibrated one "
