@@ -219,12 +219,15 @@ def init_from_bundles(model, bundles: List[str], tasks: Tuple[str, ...], log: Ca
     model.load_state_dict(state)
 
 
-def init_from_segmenter(model, bundle: str, cfg: ClassifierConfig, log: Callable[[str], None] = print) -> None:
+def init_from_segmenter(model, bundle: str, cfg: ClassifierConfig, manifest: str | Path, val_cases: List[Case],
+                        log: Callable[[str], None] = print) -> None:
     """Start an EmbeddingNet's efficientnet-b0 trunk from the encoder of a trained segmenter bundle (checked by
-    its checksum).  The segmenter must not have seen the classifier's validation patients, so it must have been
-    trained on the same patient split (``split`` "shared", the same folds, held-out fold and seed), as the
-    shipped one was; any other segmenter is refused."""
+    its checksum).  The segmenter must not have seen the classifier's validation patients: it must have been
+    trained on the shared patient split with the same folds, held-out fold and seed, as the shipped one was, and
+    its training images of ``manifest`` (cut again from that split) must hold none of ``val_cases``' patients
+    (a single-task classifier deals its own cases into folds and can differ).  Any other segmenter is refused."""
     from ..bundles import open_bundle
+    from .splits import segmenter_split
 
     b = open_bundle(bundle)
     enc = b.manifest.get("arguments", {}).get("encoder_name")
@@ -238,6 +241,13 @@ def init_from_segmenter(model, bundle: str, cfg: ClassifierConfig, log: Callable
         raise InputError(f"--init-encoder {bundle}: the segmenter was trained on another patient split ({got}) than "
                          f"this classifier's ({want}), so its encoder may have seen the validation patients; train "
                          "the segmenter on the same split first")
+    seg_train, _ = segmenter_split(read_manifest_csv(manifest), cfg.folds, split_seed_of(cfg), cfg.val_fold)
+    seen = {f"{c.dataset}/{c.patient_id}" for c in seg_train} & {f"{c.dataset}/{c.patient_id}" for c in val_cases}
+    if seen:
+        raise InputError(f"--init-encoder {bundle}: the segmenter trained on {len(seen)} of this classifier's "
+                         f"validation patients (e.g. {sorted(seen)[0]}): their patient folds differ (train the "
+                         "classifiers with --task both, as the segmenter's split is theirs, or train a segmenter "
+                         "on this split)")
     try:
         n = model.trunk.load_segmenter_encoder({k: v.float() for k, v in b.model("cpu").state_dict().items()})
     except ValueError as exc:
@@ -328,7 +338,7 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
     if cfg.init:
         init_from_bundles(model, [b for b in cfg.init.split(",") if b], tasks, log)
     if cfg.init_encoder:
-        init_from_segmenter(model, cfg.init_encoder, cfg, log)
+        init_from_segmenter(model, cfg.init_encoder, cfg, manifest, [cases[i] for i in va], log)
     model = model.to(memory_format=torch.channels_last)
     if preset["optimizer"] == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=preset.get("momentum", 0.9), weight_decay=cfg.weight_decay)

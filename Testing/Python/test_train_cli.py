@@ -373,6 +373,18 @@ def test_a_classifier_starts_from_the_segmenter_trained_on_its_split(manifest, t
                                rtol=1e-3, atol=1e-3)                    # stored in float16
     torch.testing.assert_close(trunk["_conv_stem.weight"] * 3, enc["_conv_stem.weight"].repeat(1, 3, 1, 1),
                                rtol=1e-3, atol=1e-3)
+    # a classifier whose own folds put a segmenter training patient among its validation patients is refused
+    from BreastDLRLib.errors import InputError
+    from BreastDLRLib.networks.classifiers import build_classifier
+    from BreastDLRLib.training.classifier import ClassifierConfig, init_from_segmenter
+    from BreastDLRLib.training.splits import segmenter_split
+
+    cfg = ClassifierConfig(folds=2, backbone="efficientnet-b0")
+    seg_train, seg_val = segmenter_split(read_manifest_csv(manifest), 2, 0, 0)
+    net = build_classifier("EmbeddingNet", backbone="efficientnet-b0", embedding_dim=8, num_classes=2)
+    init_from_segmenter(net, str(seg), cfg, manifest, seg_val, log=lambda m: None)          # its own held-out: fine
+    with pytest.raises(InputError, match="trained on 1 of this classifier's validation patients"):
+        init_from_segmenter(net, str(seg), cfg, manifest, seg_val + seg_train[:1], log=lambda m: None)
     capsys.readouterr()
     for args, expected in ((["--val-fold", "1"], "another patient split"), (["--cv"], "--init-encoder with --cv"),
                            (["--backbone", "resnet18"], "starts an efficientnet-b0 trunk")):
