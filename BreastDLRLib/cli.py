@@ -139,7 +139,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench
 
     res = run_bench(device=a.device, slices=a.slices, size=a.size, full_size=not a.no_full_size,
-                    repeats=a.repeats, model=a.model[0] if a.model else None)
+                    repeats=a.repeats, models=a.model)
     print(json.dumps(res, indent=2) if a.json else _bench_text(res))
     return 0
 

@@ -184,3 +184,13 @@ def test_models_lists_extra_dir(tiny_bundles, capsys):
     assert main(["models", "--dir", str(Path(tiny_bundles["segmenter"]).parent)]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {"segmenter", "malignancy", "risk"} <= {m["role"] for m in listed}
+
+
+def test_bench_takes_bundles_by_their_roles(tiny_bundles, capsys):
+    """``bench --model`` names bundles whose manifests give their roles: a classifier is used as a classifier (it
+    was once taken for the segmenter and crashed), and the segmenter named is the one timed alone."""
+    assert main(["bench", "--json", "--quiet", "--slices", "4", "--size", "64", "--no-full-size",
+                 "--model", str(tiny_bundles["malignancy"]), "--model", str(tiny_bundles["segmenter"])]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert "analyze_error" not in res and res["volume_shape_kji"] == [4, 64, 64]
+    assert res["analyze_image_seconds"] > 0
