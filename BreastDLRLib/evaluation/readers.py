@@ -71,19 +71,28 @@ class ReaderCall:
         return f"BI-RADS {self.positive.upper()} and above" if self.scale == "birads" else f"above {self.positive} %"
 
 
+def check_scale(scale: str) -> None:
+    """``--reader-scale`` is one of :data:`SCALES`."""
+    if scale not in SCALES:
+        raise EvaluationInputError(f"--reader-scale must be birads or percent, got '{scale}'.")
+
+
+def _percent(text: str) -> float:
+    """A percentage as written ("7.5", "12 %"); NaN when it is not a number."""
+    try:
+        return float(str(text).strip().rstrip("%").strip())
+    except ValueError:
+        return float("nan")
+
+
 def reader_call(scale: str = "birads", positive: Optional[str] = None) -> ReaderCall:
     """``--reader-scale`` and ``--reader-positive`` checked (an error names the fix); ``positive`` None = the
     scale's default (4A, or 2 %)."""
-    if scale not in SCALES:
-        raise EvaluationInputError(f"--reader-scale must be birads or percent, got '{scale}'.")
+    check_scale(scale)
     if scale == "birads":
         g = positive_from(DEFAULT_POSITIVE if positive is None else positive)
         return ReaderCall("birads", g, GRADE_SCORE[g])
-    text = f"{DEFAULT_POSITIVE_PERCENT:g}" if positive is None else str(positive).strip().rstrip("%").strip()
-    try:
-        p = float(text)
-    except ValueError:
-        p = float("nan")
+    p = DEFAULT_POSITIVE_PERCENT if positive is None else _percent(positive)
     if not 0.0 <= p < 100.0:
         raise EvaluationInputError(f"With --reader-scale percent, --reader-positive is the likelihood of malignancy "
                                    f"above which a reader's call is positive, from 0 to below 100 (default 2, the "
@@ -96,10 +105,7 @@ def parse_percent(text: str, column: str, case_id: str) -> Optional[float]:
     t = (text or "").strip()
     if t.lower() in MISSING:
         return None
-    try:
-        v = float(t.rstrip("%").strip())
-    except ValueError:
-        v = float("nan")
+    v = _percent(t)
     if not 0.0 <= v <= 100.0:
         raise EvaluationInputError(f"The reader column '{column}' holds '{t}' for case {case_id}, which is not a "
                                    "likelihood of malignancy from 0 to 100 %; with --reader-scale percent every rating "
@@ -222,4 +228,3 @@ def mrmc_unaided_vs_aided(y: np.ndarray, scores: Dict[str, np.ndarray], pairs: S
     out["aided_columns"] = {u: a for u, a in pairs}
     out["sample_size"] = next_study_sizes(res)
     return out
-

@@ -115,8 +115,7 @@ def join_predictions(predictions: str | Path, truth: str | Path, columns: Sequen
     score ``columns``, and a case is left out when any score or rating is missing."""
     if task not in DEFAULT_COLUMN:
         raise EvaluationInputError(f"Unknown task '{task}'; use malignancy or risk.")
-    if reader_scale not in rd.SCALES:
-        raise EvaluationInputError(f"--reader-scale must be birads or percent, got '{reader_scale}'.")
+    rd.check_scale(reader_scale)
     parse_rating = rd.parse_grade if reader_scale == "birads" else rd.parse_percent
     pcols, prows = read_table(predictions, "predictions")
     tcols, trows = read_table(truth, "truth")

@@ -111,9 +111,6 @@ TRUNK_NAMES = {"resnet18": "ResNet18", "resnet34": "ResNet34", "resnet50": "ResN
                "vgg11_bn": "VGG11 (with batch normalisation)", "vgg11": "VGG11", "efficientnet-b0": "EfficientNet-b0"}
 
 
-TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "vgg11_bn", "vgg11")
-
-
 def retrain_options(cfg: Dict[str, Any]) -> str:
     """The options of a run that differ from ``ClassifierConfig``'s defaults, as command-line flags (so that a
     card's retrain command reproduces the run)."""
@@ -174,7 +171,9 @@ def classifier_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path)
                   "used the exact crops.\n" if cfg.get("box_views") else "")
     init_text = (f"Fine-tuned from the trained bundle(s) `{cfg['init']}` (the trunk from the first, each task's "
                  "last layer from its own), on the same patient split.\n" if cfg.get("init") else "")
-    source = "torchvision" if backbone in TORCHVISION else "segmentation-models-pytorch encoder"
+    from ..networks.classifiers import EFFICIENTNETS
+
+    source = "segmentation-models-pytorch encoder" if backbone in EFFICIENTNETS else "torchvision"
     if cfg.get("init_encoder"):
         origin = (f"{source}, `weights=None`, no ImageNet weights; started from the encoder of the lesion segmenter "
                   f"`{Path(cfg['init_encoder']).name}`, which was trained on the same patient split and so never saw "

@@ -334,7 +334,7 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
             f"positives {ytr[ytr >= 0].mean():.2f} / {yva[yva >= 0].mean():.2f}")
     model = build_classifier("EmbeddingNet", backbone=backbone, embedding_dim=128, num_classes=2 * len(tasks), dropout=0.2)
     if cfg.init and cfg.init_encoder:
-        raise ValueError("--init and --init-encoder both set the trunk; choose one")
+        raise InputError("--init and --init-encoder both set the trunk; give one of them.")
     if cfg.init:
         init_from_bundles(model, [b for b in cfg.init.split(",") if b], tasks, log)
     if cfg.init_encoder:
