@@ -1,9 +1,8 @@
 """Grad-CAM per plane, painted back onto the image's voxel grid, and PNG overlays.
 
-Grad-CAM (pytorch-grad-cam's ``GradCAM``) is computed for one plane at a time: a small wrapper module gives
-the library a single-tensor forward that swaps that plane's input into the dict the model takes; the other
-planes' inputs are held fixed.  Each plane's target layer must be a module used once per forward (its own
-branch), typically the last conv stage of that branch.
+Grad-CAM (as pytorch-grad-cam's ``GradCAM`` computes it) for every plane from one forward pass: each plane's
+target module (one per plane, run once per forward, e.g. the tap on its trunk's last feature map) is cut out of
+the graph, so the gradients run from the logits back to the maps only.
 """
 from __future__ import annotations
 
@@ -71,60 +70,87 @@ def gradcam_planes(
     plane_mask: Optional[Sequence[bool]] = None,
     forward_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, np.ndarray]:
-    """Grad-CAM of each plane's branch, in [0, 1], at the plane input's size.
+    """Grad-CAM of each plane's branch, in [0, 1], at the plane input's size, from one forward pass.
 
     ``model(dict plane -> (B, 3, H, W), **forward_kwargs)`` must return logits ``(B, C)`` (or ``(B,)``/``(B, 1)``
     for one logit: class 1 = the logit, class 0 = its negative; a dict with ``"logits"`` or a tuple whose first
     item is the logits are accepted).  ``inputs``: that dict, or the stacked ``(B, P, 3, H, W)`` /
     ``(P, 3, H, W)`` layout of :func:`BreastDLRLib.planes.to_tensor_batch` with ``planes`` naming axis P.
-    Planes missing from ``target_layers`` or with ``plane_mask`` False are skipped.  Returns ``plane -> (H, W)``
-    for B = 1, else ``(B, H, W)``.  Works inside ``torch.no_grad()`` (not ``torch.inference_mode()``); the
-    model's train/eval flags, ``requires_grad`` flags and ``.grad`` are restored, and no hook stays on it.
+    ``target_layers``: plane -> the module whose output is that plane's map (or a list of them, one per ensemble
+    member, whose maps are averaged); each must run once per forward pass, and a module that runs more often (a
+    layer of a trunk the planes share) is refused.  Planes missing from ``target_layers`` or with ``plane_mask``
+    False are skipped.  Returns ``plane -> (H, W)`` for B = 1, else ``(B, H, W)``.
+
+    The maps are pytorch-grad-cam's ``GradCAM`` (channel weights = mean gradient, ReLU, min-max scaling, resized
+    with its ``scale_cam_image``, several layers averaged), but all planes come from one forward pass, and the
+    gradients only run back from the logits to the target layers (the model is cut there), not through the
+    trunks.  Works inside ``torch.no_grad()`` (not ``torch.inference_mode()``); the model's train/eval flags,
+    ``requires_grad`` flags and ``.grad`` are restored, and no hook stays on it.
     """
     import torch
-    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import scale_cam_image
 
     x_all = _as_plane_dict(inputs, planes)
     masked = dict(zip(planes, plane_mask)) if plane_mask is not None else {}
-    kwargs = dict(forward_kwargs or {})
+    wanted: Dict[str, list] = {}
+    for plane in planes:
+        layer = target_layers.get(plane)
+        if layer is None or plane not in x_all or not masked.get(plane, True):
+            continue
+        wanted[plane] = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    owners: Dict[int, Any] = {}
+    for plane, layers in wanted.items():
+        for layer in layers:
+            if id(layer) in owners:
+                raise ValueError(f"Grad-CAM needs one target module per plane; {type(layer).__name__} is given for "
+                                 "more than one plane")
+            owners[id(layer)] = layer
     target = _Target(target_class)
+    maps: Dict[int, list] = {key: [] for key in owners}
 
-    class _PlaneForward(torch.nn.Module):
-        def __init__(self, net, fixed: Dict[str, Any], plane: str) -> None:
-            super().__init__()
-            self.net = net
-            self._fixed = fixed
-            self._plane = plane
-
-        def forward(self, x):
-            d = dict(self._fixed)
-            d[self._plane] = x
-            return _logits(self.net(d, **kwargs))
+    def cut(module, _inputs, output):
+        # the map becomes a leaf of its own graph: the backward pass stops here, and yields d(logit)/d(map)
+        leaf = output.detach().requires_grad_(True)
+        maps[id(module)].append(leaf)
+        return leaf.clone()  # a non-leaf copy, so that in-place operations after the layer stay allowed
 
     hooks_before = _hook_count(model)
     training = {m: m.training for m in model.modules()}
     params = list(model.parameters())
     saved = [(p.requires_grad, p.grad) for p in params]
+    handles = []
     cams: Dict[str, np.ndarray] = {}
     try:
+        model.eval()
+        for p in params:  # no graph through the weights: only the maps need gradients
+            p.requires_grad_(False)
+        handles = [layer.register_forward_hook(cut) for layer in owners.values()]
+        fixed = {k: v.detach() if torch.is_tensor(v) else v for k, v in x_all.items()}
         with torch.enable_grad():
-            for p in params:  # only the input needs gradients; weights' .grad stay untouched
-                p.requires_grad_(False)
-            fixed = {k: v.detach() if torch.is_tensor(v) else v for k, v in x_all.items()}
-            for plane in planes:
-                layer = target_layers.get(plane)
-                if layer is None or plane not in fixed or not masked.get(plane, True):
-                    continue
-                x = fixed[plane].clone().requires_grad_(True)
-                layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]   # an ensemble: one per member
-                cam = GradCAM(model=_PlaneForward(model, fixed, plane), target_layers=layers)
-                try:
-                    res = cam(input_tensor=x, targets=[target] * x.shape[0])
-                finally:
-                    cam.activations_and_grads.release()
-                res = np.clip(np.nan_to_num(np.asarray(res, dtype=np.float32)), 0.0, 1.0)
-                cams[plane] = res[0] if res.shape[0] == 1 else res
+            logits = _logits(model(fixed, **dict(forward_kwargs or {})))
+            for key, got in maps.items():
+                if len(got) != 1:
+                    raise ValueError(f"the Grad-CAM target {type(owners[key]).__name__} ran {len(got)} times in one "
+                                     "forward pass; give a module that runs once per plane")
+            leaves = [maps[key][0] for key in owners]
+            loss = sum(target(o) for o in logits)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grad_of = dict(zip(owners, grads))
+        for plane, layers in wanted.items():
+            h, w = fixed[plane].shape[-2:]
+            per_layer = []
+            for layer in layers:
+                act = maps[id(layer)][0].detach().float()
+                g = grad_of[id(layer)]
+                g = torch.zeros_like(act) if g is None else g.float()
+                cam = (g.mean(dim=(2, 3), keepdim=True) * act).sum(dim=1).cpu().numpy()
+                per_layer.append(scale_cam_image(np.maximum(cam, 0), (int(w), int(h)))[:, None])
+            res = scale_cam_image(np.maximum(np.concatenate(per_layer, axis=1), 0).mean(axis=1))
+            res = np.clip(np.nan_to_num(np.asarray(res, dtype=np.float32)), 0.0, 1.0)
+            cams[plane] = res[0] if res.shape[0] == 1 else res
     finally:
+        for handle in handles:
+            handle.remove()
         for p, (rg, g) in zip(params, saved):
             p.requires_grad_(rg)
             p.grad = g

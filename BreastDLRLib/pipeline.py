@@ -337,6 +337,10 @@ class Pipeline:
                     model, [model.classifier, lh.model(str(self.device)).classifier], frames,
                     [b.thresholds.get("probability", 0.5), lh.thresholds.get("probability", 0.5)], tta=spec["tta"],
                     embeddings=embedded)
+            elif key == "malignancy" and hasattr(model, "embed") and hasattr(model, "classifier"):
+                # its own classification layer on the kept embeddings: the prediction and the embedding in one pass
+                (pred,) = predict_frames_shared(model, [model.classifier], frames, [b.thresholds.get("probability", 0.5)],
+                                                tta=spec["tta"], embeddings=embedded)
             else:
                 pred = predict_frames(model, frames, threshold=b.thresholds.get("probability", 0.5), tta=spec["tta"])
             lr.probabilities[key] = float(pred.probability)
@@ -344,7 +348,7 @@ class Pipeline:
             lr.thresholds[key] = float(b.thresholds.get("probability", 0.5))
             if key == "malignancy" and embedded:
                 lr.embedding = torch.cat(embedded).float().mean(0).cpu().numpy()
-            elif key == "malignancy" and hasattr(model, "embed"):
+            elif key == "malignancy" and hasattr(model, "embed"):   # e.g. an ensemble of three-plane networks
                 with torch.no_grad():
                     lr.embedding = model.embed(frames).float().mean(0).cpu().numpy()
             timing["classify"] += time.perf_counter() - t

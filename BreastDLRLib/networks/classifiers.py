@@ -75,11 +75,17 @@ class ResNetTrunk(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.avgpool = net.avgpool
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B, C, H/32, W/32) map of the last stage, before pooling."""
         x = _match_channels(x, self.in_channels)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(feature_map), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_map(x))
 
     def last_conv_block(self) -> nn.Module:
         """The last residual block of the last convolutional stage (``layer4[-1]``), the usual
@@ -110,8 +116,15 @@ class VGGTrunk(nn.Module):
         self.out_features = int([m for m in features if isinstance(m, nn.Conv2d)][-1].out_channels)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map of the last convolution (after its ReLU), before pooling."""
+        return self.features(_match_channels(x, self.in_channels))
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(feature_map), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.avgpool(self.features(_match_channels(x, self.in_channels))), 1)
+        return self.pool(self.feature_map(x))
 
     def last_conv_block(self) -> nn.Module:
         """The last ReLU of ``features`` (after the last convolution, before the last max-pooling)."""
@@ -137,11 +150,18 @@ class EfficientNetTrunk(nn.Module):
         self.out_features = int(self.encoder.out_channels[-1])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's (B, 320, H/32, W/32) output, before pooling."""
         x = _match_channels(x, self.in_channels)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
-        return torch.flatten(self.avgpool(self.encoder((x - mean) / std)[-1]), 1)
+        return self.encoder((x - mean) / std)[-1]
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(feature_map), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_map(x))
 
     def last_conv_block(self) -> nn.Module:
         """The encoder's last MBConv block: its output is the (B, 320, H/32, W/32) map that is pooled."""
@@ -217,6 +237,9 @@ class ThreePlaneFusion(nn.Module):
         self.shared_trunk = bool(shared_trunk)
         names = ("shared",) if self.shared_trunk else planes
         self.trunks = nn.ModuleDict({p: make_trunk(backbone, in_channels) for p in names})
+        # one pass-through module per plane on its trunk's last feature map: the Grad-CAM target of that plane
+        # (a shared trunk's own layers run three times per forward and cannot tell the planes apart); no weights
+        self.taps = nn.ModuleDict({p: nn.Identity() for p in planes})
         width = self.trunk_for(planes[0]).out_features
         self.feature_width = width
         self.reduce = nn.Linear(2 * width, width)
@@ -271,7 +294,8 @@ class ThreePlaneFusion(nn.Module):
         for n, plane in enumerate(self.planes):
             keep = present[:, n]
             if plane in given and bool(keep.any()):
-                f = self.trunk_for(plane)(given[plane])
+                trunk = self.trunk_for(plane)
+                f = trunk.pool(self.taps[plane](trunk.feature_map(given[plane])))
                 feats[plane] = f * keep.to(f.dtype).unsqueeze(1)
             else:
                 feats[plane] = torch.zeros(ref.shape[0], self.feature_width, dtype=ref.dtype, device=ref.device)
@@ -293,8 +317,9 @@ class ThreePlaneFusion(nn.Module):
         return self.classifier(self.dropout(self.embed(x, plane_mask)))
 
     def feature_layers(self) -> Dict[str, nn.Module]:
-        """plane → last convolutional block of its trunk (Grad-CAM target)."""
-        return {p: self.trunk_for(p).last_conv_block() for p in self.planes}
+        """plane → the pass-through module on that plane's last feature map (Grad-CAM target; one per plane,
+        also when the planes share a trunk)."""
+        return {p: self.taps[p] for p in self.planes}
 
     def trunk_for(self, plane: str) -> nn.Module:
         """The ResNet trunk that encodes ``plane``."""

@@ -42,9 +42,15 @@ class FixedFeatures(nn.Module):
         self.features = features
         self.calls = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.features[: x.shape[0]]
+        return self.features[: x.shape[0], :, None, None]    # a 1×1 map
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(feature_map, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_map(x))
 
 
 def _hand_logits(model: ThreePlaneFusion, ft: np.ndarray, fs: np.ndarray, fc: np.ndarray) -> np.ndarray:
@@ -164,7 +170,7 @@ def test_three_plane_shapes_grey_input_and_gradcam_layers(real_fusion):
     assert len({id(m) for m in layers.values()}) == 3
     captured, handles = {}, []
     for p, layer in layers.items():
-        assert any(layer is m for m in model.trunks[p].modules())
+        assert layer is model.taps[p]   # the pass-through on that plane's last feature map
         handles.append(layer.register_forward_hook(lambda mod, inp, out, p=p: captured.__setitem__(p, out)))
     try:
         logits = model(x)

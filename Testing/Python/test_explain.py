@@ -172,6 +172,96 @@ def test_gradcam_single_logit_model(one_thread):
     assert _hooks(m) == 0
 
 
+def _library_gradcam(model, inputs: dict, layer_of: dict, target_class: int) -> dict:
+    """Reference: pytorch-grad-cam's own ``GradCAM``, run plane by plane with the other planes held fixed (how
+    BreastDLR computed Grad-CAM until 2026-12-03: three forward and three full backward passes)."""
+    from pytorch_grad_cam import GradCAM
+
+    out = {}
+    for plane, layers in layer_of.items():
+        class OnePlane(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = model
+
+            def forward(self, x, plane=plane):
+                return self.net({**inputs, plane: x})
+
+        layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        with GradCAM(model=OnePlane(), target_layers=layers) as cam:
+            res = cam(input_tensor=inputs[plane].clone().requires_grad_(True),
+                      targets=[lambda o: o[target_class]] * inputs[plane].shape[0])
+        out[plane] = res[0] if res.shape[0] == 1 else res
+    return out
+
+
+@pytest.mark.parametrize("target_class", [0, 1])
+def test_gradcam_one_pass_equals_the_library_plane_by_plane(trained, target_class):
+    model = trained
+    rng = np.random.default_rng(5)
+    x, _ = _images(rng, 6, np.array([True, False, True, True, False, False]))
+    inputs = {p: x[2 * i:2 * i + 2] for i, p in enumerate(PLANES)}   # a batch of two per plane
+    layers = {p: model.branches[p][-1] for p in PLANES}
+    ours = gradcam_planes(model, inputs, layers, target_class=target_class)
+    ref = _library_gradcam(model, inputs, layers, target_class)
+    for p in PLANES:
+        assert ours[p].shape == (2, SIZE, SIZE)
+        np.testing.assert_allclose(ours[p], ref[p], atol=1e-5)
+    assert ours["transverse"][0].max() == pytest.approx(1.0)   # not an empty map: scaled to [0, 1]
+    assert _hooks(model) == 0
+
+
+def test_gradcam_of_a_shared_trunk_sees_each_plane(one_thread):
+    """The ABVS model's planes share one ResNet: its layers run three times per forward, so Grad-CAM hooked on
+    them paired one plane's gradients with another plane's maps.  The network's per-plane taps give each plane
+    its own map; the shared layer itself is refused."""
+    from BreastDLRLib.networks.classifiers import ThreePlaneFusion
+
+    torch.manual_seed(3)
+    model = ThreePlaneFusion(backbone="resnet18", dropout=0.0, shared_trunk=True).eval()
+    rng = np.random.default_rng(9)
+    x, _ = _images(rng, 3, np.array([True, True, True]))
+    inputs = {p: x[i:i + 1] for i, p in enumerate(PLANES)}
+    layers = model.feature_layers()
+    assert len({id(m) for m in layers.values()}) == 3
+    ours = gradcam_planes(model, inputs, layers, target_class=1)
+    ref = _library_gradcam(model, inputs, layers, 1)
+    for p in PLANES:
+        assert ours[p].shape == (SIZE, SIZE)
+        np.testing.assert_allclose(ours[p], ref[p], atol=1e-5)
+    # the planes' images differ, and so do their maps (the shared-layer bug gave the transverse map to all three)
+    assert not np.allclose(ours["transverse"], ours["sagittal"], atol=1e-3)
+    shared_layer = model.trunks["shared"].layer4[-1]
+    with pytest.raises(ValueError, match="ran 3 times"):
+        gradcam_planes(model, inputs, {"sagittal": shared_layer})
+    with pytest.raises(ValueError, match="one target module per plane"):
+        gradcam_planes(model, inputs, {"transverse": layers["sagittal"], "sagittal": layers["sagittal"]})
+    assert _hooks(model) == 0
+
+
+def test_gradcam_of_an_ensemble_averages_its_members(one_thread):
+    from BreastDLRLib.networks.classifiers import EnsembleNet
+
+    torch.manual_seed(4)
+    ens = EnsembleNet("EmbeddingNet", {"backbone": "resnet18", "embedding_dim": 16, "dropout": 0.0}, n_members=2).eval()
+
+    class DictInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = ens
+
+        def forward(self, x: dict):
+            return self.net(x["transverse"])
+
+    net = DictInput()
+    x, _ = _images(np.random.default_rng(2), 1, np.array([True]))
+    layers = {"transverse": ens.feature_layers()["image"]}
+    assert len(layers["transverse"]) == 2
+    ours = gradcam_planes(net, {"transverse": x}, layers, target_class=1)
+    ref = _library_gradcam(net, {"transverse": x}, layers, 1)
+    np.testing.assert_allclose(ours["transverse"], ref["transverse"], atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- painting
 def _affine_inverse(crop, kji):
     """(r, c) of array indices from three forward-mapped pixels (independent of the crop's own inverse)."""
