@@ -143,12 +143,16 @@ def find_lesions(
     min_size_mm2: float = 2.0,
     min_fraction: float = 0.0,
     max_lesions: Optional[int] = None,
+    min_extent_mm: float = 0.0,
 ) -> Tuple[Volume, List[Lesion]]:
     """Threshold, label 3D connected components (26-connectivity), drop specks, measure.
 
     Specks are components smaller than ``min_size_mm3`` (volumes) or ``min_size_mm2`` (2D images), or than
-    ``min_fraction`` of the image (useful when the spacing is unknown).  Lesions are numbered by size, largest
-    first; the returned label map has the probability's geometry and value ``id`` per lesion.
+    ``min_fraction`` of the image (useful when the spacing is unknown).  In a volume, a component thinner than
+    ``min_extent_mm`` along any axis (its bounding box: voxels x spacing) is dropped too: a sheet seen on one
+    or two fine slices is not a lesion, while on slices as thick as ``min_extent_mm`` one slice suffices.
+    Lesions are numbered by size, largest first; the returned label map has the probability's geometry and
+    value ``id`` per lesion.
     """
     arr = probability.array
     if arr.ndim != 3:
@@ -171,9 +175,13 @@ def find_lesions(
     min_size = min_size_mm2 if is_2d else min_size_mm3
     keep = [c + 1 for c in np.argsort(-sizes, kind="stable")
             if sizes[c] * unit >= min_size and sizes[c] >= min_fraction * arr.size]
+    slices = ndimage.find_objects(labels)
+    if min_extent_mm > 0 and not is_2d:
+        sp_kji = (probability.spacing[2], probability.spacing[1], probability.spacing[0])
+        keep = [c for c in keep
+                if min((s.stop - s.start) * sp for s, sp in zip(slices[c - 1], sp_kji)) >= min_extent_mm]
     if max_lesions is not None:
         keep = keep[:max_lesions]
-    slices = ndimage.find_objects(labels)
     prob = arr if np.issubdtype(arr.dtype, np.floating) else None
     regions = [(labels[slices[old - 1]] == old, slices[old - 1]) for old in keep]
     # renumber in place: kept components become 1..len(keep) by size, everything else 0

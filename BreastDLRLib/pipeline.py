@@ -146,10 +146,12 @@ class Pipeline:
         seg = self.segmenter(volume, progress=progress, cancel=cancel)
         t1 = time.perf_counter()
         th = self.bundles["segmenter"].thresholds
-        min_fraction = th.get("min_lesion_fraction", 0.0) if volume.metadata.get("spacing_source") == "unknown" else 0.0
+        known = volume.metadata.get("spacing_source") != "unknown"   # else every "mm" is a pixel
+        min_fraction = 0.0 if known else th.get("min_lesion_fraction", 0.0)
         labels, lesions = find_lesions(seg.probability, threshold=th.get("probability", 0.5),
                                        min_size_mm3=th.get("min_lesion_mm3", 1.0),
-                                       min_size_mm2=th.get("min_lesion_mm2", 2.0), min_fraction=min_fraction)
+                                       min_size_mm2=th.get("min_lesion_mm2", 2.0), min_fraction=min_fraction,
+                                       min_extent_mm=th.get("min_lesion_extent_mm", 0.0) if known else 0.0)
         t2 = time.perf_counter()
         timings = {"segment_" + k: v for k, v in seg.timings.items()}
         timings.update({"segment_total": t1 - t0, "lesions": t2 - t1})

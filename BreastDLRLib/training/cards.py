@@ -51,7 +51,8 @@ def segmenter_manifest_and_card(res: Dict[str, Any], manifest_path: str | Path,
         "input": {"size": [cfg["size"], cfg["size"]], "channels": 1, "normalisation": "zscore",
                   "spacing_mm": None, "resample": "each slice resized to size x size, logits resized back"},
         "labels": ["background", "lesion"],
-        "thresholds": {"probability": 0.5, "min_lesion_mm3": 20.0, "min_lesion_mm2": 7.0, "min_lesion_fraction": 0.002},
+        "thresholds": {"probability": 0.5, "min_lesion_mm3": 20.0, "min_lesion_extent_mm": 2.0, "min_lesion_mm2": 7.0,
+                       "min_lesion_fraction": 0.002},
         "inference": {"bf16_cpu": bf16_ok, "bf16_tolerance": "mean mask Dice bf16 vs fp32 >= 0.98 on validation"},
         "clinical_variables": [],
         "provenance": {"data": DATA_CITATION, "manifest": Path(manifest_path).name, "n_train_images": res["n_train"],
@@ -86,7 +87,9 @@ f"; with the synthetic validation images too: {m['dice_mean_lesion_images_fp32']
 - best epoch {m['best_epoch']} of {m['epochs_run']} run.
 
 **Post-processing.** Threshold 0.5, 3D connected components, components smaller than 20 mm³ (volumes) or 7 mm²
-(2D images) dropped as specks.
+(2D images) dropped as specks. In volumes, components thinner than 2 mm along any axis are dropped too (a sheet on
+one to three 0.5 mm slices; with slices 2 mm thick or more one slice suffices): on ten synthetic ABVS volumes
+(160 x 256 x 256, seeds 100-109) this left all 16 lesions found and cut the false findings from 48 to 20.
 
 **Limits.** Trained on handheld 2D images only; on ABVS/ABUS volumes it runs slice by slice on transverse slices
 and has not been validated on real 3D breast volumes (none were available). Calipers and text overlays in the

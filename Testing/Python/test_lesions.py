@@ -75,6 +75,24 @@ def test_specks_are_dropped_by_physical_size():
     assert len(lesions) == 2
 
 
+def test_thin_sheets_are_dropped_in_volumes_unless_the_slices_are_that_thick():
+    a = np.zeros((12, 40, 40))
+    a[2, 5:25, 5:25] = 1           # one slice: a 10 x 10 mm sheet at 0.5 mm slices
+    a[4:10, 30:38, 30:38] = 1      # six slices deep: 3 x 4 x 4 mm
+    a[11, 30:31, 0:20] = 1         # one slice, one row: a line
+    fine = (0.5, 0.5, 0.5)
+    _, lesions = find_lesions(vol(a, spacing=fine), min_size_mm3=0.1, min_extent_mm=2.0)
+    assert [les.voxels for les in lesions] == [6 * 8 * 8]
+    _, lesions = find_lesions(vol(a, spacing=fine), min_size_mm3=0.1)
+    assert len(lesions) == 3
+    # slices 2 mm apart: one slice is as thick as the limit, so the sheet stays; the line is 0.5 mm wide
+    _, lesions = find_lesions(vol(a, spacing=(0.5, 0.5, 2.0)), min_size_mm3=0.1, min_extent_mm=2.0)
+    assert sorted(les.voxels for les in lesions) == [6 * 8 * 8, 20 * 20]
+    # a 2D image has no elevation: the limit does not apply
+    _, lesions = find_lesions(vol(a[2:3], spacing=fine), min_size_mm2=0.1, min_extent_mm=2.0)
+    assert len(lesions) == 1
+
+
 def test_lesion_cut_by_edge_is_flagged():
     a = np.zeros((4, 30, 30))
     a[1:3, 0:5, 10:15] = 1   # touches row 0 (skin side)
