@@ -105,6 +105,8 @@ def gradcam_planes(
                 raise ValueError(f"Grad-CAM needs one target module per plane; {type(layer).__name__} is given for "
                                  "more than one plane")
             owners[id(layer)] = layer
+    if not wanted:
+        return {}
     target = _Target(target_class)
     maps: Dict[int, list] = {key: [] for key in owners}
 
@@ -134,7 +136,9 @@ def gradcam_planes(
                                      "forward pass; give a module that runs once per plane")
             leaves = [maps[key][0] for key in owners]
             loss = sum(target(o) for o in logits)
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            # no path from the maps to the logits (e.g. every hooked plane masked out): zero gradients, empty maps
+            grads = (torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad
+                     else [None] * len(leaves))
         grad_of = dict(zip(owners, grads))
         for plane, layers in wanted.items():
             h, w = fixed[plane].shape[-2:]

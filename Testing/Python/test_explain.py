@@ -140,6 +140,7 @@ def test_gradcam_restores_model_state_and_layouts(trained):
         a = gradcam_planes(model, stacked, layers)
         b = gradcam_planes(model, {p: x[i][None] for i, p in enumerate(PLANES)}, layers)
         c = gradcam_planes(model, stacked, layers, plane_mask=[True, False, True])
+        assert gradcam_planes(model, stacked, layers, plane_mask=[False, False, False]) == {}
     assert _hooks(model) == 0
     assert all(m.training for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
