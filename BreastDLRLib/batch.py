@@ -6,7 +6,9 @@ the whole image (``lesion_found`` is False, so an evaluation can tell).
 
 ``outline="manifest"`` takes the lesion from the row's ``mask`` (a reader's outline: the morphology models then
 score it too); rows with no mask, or a mask that draws nothing, fall back to the segmenter, and a mask that cannot
-be read or does not fit the image is that row's error.  The ``outline`` column says which outline each row used.
+be read or does not fit the image is that row's error.  The ``outline`` column says which outline each row used;
+``outline_uncertain`` is true where the segmenter was unsure of its outline (its manifest's
+``thresholds.uncertain_outline_below``): those rows' scores are less reliable.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .errors import BreastDLRError, InputError
 from .progress import CancelCheck, ProgressCallback, check_cancel, no_progress
 
 COLUMNS = ("case_id", "probability_malignant", "probability_high_risk", "recommendation", "lesion_found",
-           "n_lesions", "outline", "error")
+           "n_lesions", "outline", "outline_uncertain", "error")
 OUTLINES = ("auto", "manifest")
 
 
@@ -81,7 +83,8 @@ def predict_manifest(manifest: str | Path, out_csv: str | Path, *, masks_out: Op
                     pipe.classify_lesion(vol, lr, schema, cleaned, birads)
                     p_mal = pipe.decision_probability(lr)
                     row.update(probability_malignant=_fmt(p_mal), probability_high_risk=_fmt(pipe.risk_probability(lr)),
-                               lesion_found=str(found).lower(), n_lesions=str(len(seg.lesions)), outline=lr.outline)
+                               lesion_found=str(found).lower(), n_lesions=str(len(seg.lesions)), outline=lr.outline,
+                               outline_uncertain=str(lr.outline_uncertain).lower() if found else "")
                     rec = lr.recommendation
                     if rec is not None and rec.action != "not applicable":
                         row["recommendation"] = f"{rec.action}:{rec.birads_out}"

@@ -112,6 +112,8 @@ def _summary(lesions: List[Dict[str, Any]], out: str, vol, findings: Optional[Di
             line += f", P(high risk) {p_risk:.2f}"
         if les.get("outline") == "reader":
             line += " (reader's outline)"
+        elif les.get("outline_uncertain"):
+            line += " (outline uncertain: check it)"
         rec = les.get("recommendation")
         if rec and rec.get("action") != "not applicable":
             line += f" → {rec['action']} to BI-RADS {rec['birads_out']}"

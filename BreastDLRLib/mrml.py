@@ -495,7 +495,8 @@ def _table_row(lesion: Mapping[str, Any]) -> List[Any]:
 
     return [int(lesion["id"]), num(m.get("max_diameter_mm")), num(m.get("volume_mm3")),
             num(m.get("depth_from_skin_mm")), str(m.get("orientation") or ""),
-            num(mal), num(risk), str(text), str(lesion.get("outline") or "segmenter")]
+            num(mal), num(risk), str(text), str(lesion.get("outline") or "segmenter")
+            + (" (uncertain: check)" if lesion.get("outline_uncertain") else "")]
 
 
 def _add_table(scene, lesions: Sequence[Mapping[str, Any]]):

@@ -105,6 +105,7 @@ def lesion_record(lr: LesionResult, volume: Volume) -> Dict[str, Any]:
         "heatmap_class": lr.heatmap_class,
         "previews": {},
         "outline": lr.outline,
+        "outline_uncertain": bool(lr.outline_uncertain),
         "outline_features": dict(lr.features),
     }
 

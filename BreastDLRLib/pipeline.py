@@ -34,6 +34,7 @@ class LesionResult:
     heatmap_class: Optional[str] = None            # the class Grad-CAM explains (the model's decision)
     notes: List[str] = field(default_factory=list)  # what the reader should know about this lesion's scores
     outline: str = "segmenter"                     # who drew the outline: "segmenter" or "reader"
+    outline_uncertain: bool = False                # the segmenter was unsure of its outline: check it before trusting
     features: Dict[str, float] = field(default_factory=dict)   # handcrafted outline features, when measured
 
 
@@ -155,8 +156,26 @@ class Pipeline:
         t2 = time.perf_counter()
         timings = {"segment_" + k: v for k, v in seg.timings.items()}
         timings.update({"segment_total": t1 - t0, "lesions": t2 - t1})
-        return Analysis(volume, seg.probability, labels, [LesionResult(l) for l in lesions], None, self.models(),
+        results = [LesionResult(l) for l in lesions]
+        check = th.get("uncertain_outline_below")
+        if check is not None and volume.is_2d:
+            for lr in results:
+                self._check_outline(lr, float(check))
+        return Analysis(volume, seg.probability, labels, results, None, self.models(),
                         timings=timings, precision=seg.precision, segmentation_tta=tuple(seg.test_time_augmentation))
+
+    @staticmethod
+    def _check_outline(lr: LesionResult, below: float) -> None:
+        """Flag a segmenter outline whose mean lesion probability is under ``below`` (the segmenter manifest's
+        ``thresholds.uncertain_outline_below``, measured on held-out 2D images, where flagged outlines often miss
+        part of the lesion and the scores are less reliable; see the segmenter's model card)."""
+        p = lr.lesion.mean_probability
+        if p is None or not p < below:
+            return
+        lr.outline_uncertain = True
+        lr.notes.append(f"Lesion {lr.lesion.id}: the automatic outline is uncertain (mean lesion probability {p:.3f}, "
+                        f"below {below:g}). It may miss part of the lesion, and the scores rest on it: check the "
+                        "outline and correct it (Segment Editor, or --outline with a mask) to have it scored as yours.")
 
     def reader_outline(self, volume: Volume, outline: Volume, source: str = "reader") -> Analysis:
         """Lesions from a given outline (a label map on ``volume``'s grid: each connected region of non-zero

@@ -7,8 +7,8 @@ images, so the segmenter outlines and crops every lesion as it does for a user (
 
 The held-out fold is cut again from the bundles' own split (BreastDLRLib.training.heldout).  Writes
 ``<work>/heldout_manifest.csv`` (the fold's rows, absolute paths), ``<work>/predictions.csv`` (what `predict`
-wrote) and ``<work>/end_to_end.json`` (per task: AUC with its DeLong CI, by dataset, and how many images had no
-lesion found; and how many held-out images the segmenter trained on, which is 0 for a segmenter trained on the
+wrote) and ``<work>/end_to_end.json`` (per task: AUC with its DeLong CI, by dataset, on the images whose
+outline the segmenter flagged as uncertain and on the others, and how many images had no lesion found; and how many held-out images the segmenter trained on, which is 0 for a segmenter trained on the
 classifiers' split).  The installed fusion and morphology models apply as they do for a user (the malignancy score is
 then the fused one where an age is known); ``--image-only`` leaves them out.  `breastdlr evaluate <work>/predictions.csv --truth <work>/heldout_manifest.csv` gives the full report.
 """
@@ -129,6 +129,11 @@ def aucs(labels, preds_csv: Path) -> dict:
                                if len(set(y[ds == d])) == 2},
             "no_lesion_found": int(sum(preds[cid]["lesion_found"] == "false" for cid in ids)),
             "missing": len(lab) - len(ids)}
+        flagged = np.array([preds[cid].get("outline_uncertain") == "true" for cid in ids])
+        res[task]["by_outline_check"] = {
+            name: {"n": int(m.sum()), "n_positive": int(y[m].sum()),
+                   "auc": roc_auc(y[m], p[m]).auc if len(set(y[m])) == 2 else None}
+            for name, m in (("outline_uncertain", flagged), ("outline_not_flagged", ~flagged))}
         print(task, json.dumps(res[task]), flush=True)
     return res
 

@@ -38,7 +38,8 @@ CLASS_NAMES = {"malignancy": ("benign", "malignant"), "risk": ("BI-RADS 2-3", "B
 TRUTH_COLUMN = {"malignancy": "label", "risk": "birads"}
 REASONS = ("not_in_truth", "no_reference_label", "prediction_error", "missing_score")
 GROUP_COLUMNS = ("dataset", "device")         # from the truth manifest
-PREDICTION_GROUP_COLUMNS = ("outline",)         # from the predictions (``predict`` writes who drew the outline)
+PREDICTION_GROUP_COLUMNS = ("outline", "outline_uncertain")   # from the predictions: who drew the outline, and
+#                                                             whether the segmenter was unsure of its own
 DECISION_THRESHOLDS = np.arange(1, 100) / 100.0
 CALIBRATION_BINS = 10
 PLOTS = ("roc.png", "calibration.png", "decision_curve.png", "confusion_matrix.png", "mrmc.png", "tsne.png")

@@ -219,19 +219,24 @@ def test_refuses_to_replace_an_unrelated_folder(files, capsys):
 
 
 def test_breakdown_by_the_outline_predict_used(files):
-    """predict's ``outline`` column (reader or segmenter) gets its own breakdown; here dataset A was scored on
+    """predict's ``outline`` column (reader or segmenter) and ``outline_uncertain`` get their own breakdowns; here dataset A was scored on
     reader outlines and B on the segmenter's, so the two breakdowns must agree case for case."""
     m0 = files["dir"] / "no_outline"
     assert _run(files, m0) == 0
     assert _strict_json(m0 / "metrics.json")["columns"]["probability_malignant"]["by_outline"] is None
     rows = list(csv.DictReader(open(files["preds"], newline="", encoding="utf-8")))
     ds = {c[0]: c[1] for c in CASES}
-    with_outline = _write(files["dir"] / "P2.csv", ["case_id", "probability_malignant", "other", "error", "outline"],
+    with_outline = _write(files["dir"] / "P2.csv",
+                          ["case_id", "probability_malignant", "other", "error", "outline", "outline_uncertain"],
                           [(r["case_id"], r["probability_malignant"], r["other"], r["error"],
-                            {"A": "reader", "B": "segmenter"}.get(ds.get(r["case_id"]), "")) for r in rows])
+                            {"A": "reader", "B": "segmenter"}.get(ds.get(r["case_id"]), ""),
+                            {"A": "false", "B": "true"}.get(ds.get(r["case_id"]), "")) for r in rows])
     out = files["dir"] / "by_outline"
     assert main(["evaluate", str(with_outline), "--truth", str(files["truth"]), "--out", str(out), "--n-boot", "200"]) == 0
     col = _strict_json(out / "metrics.json")["columns"]["probability_malignant"]
     assert col["by_outline"]["reader"]["auc"] == pytest.approx(HAND["auc_A"])
     assert col["by_outline"]["segmenter"]["auc"] == pytest.approx(HAND["auc_B"])
+    assert col["by_outline_uncertain"]["false"]["auc"] == pytest.approx(HAND["auc_A"])
+    assert col["by_outline_uncertain"]["true"]["auc"] == pytest.approx(HAND["auc_B"])
     assert "By outline" in (out / "report.html").read_text(encoding="utf-8")
+    assert "By outline_uncertain" in (out / "report.html").read_text(encoding="utf-8")

@@ -308,3 +308,45 @@ def test_risk_model_on_the_malignancy_trunk_runs_it_once_with_the_same_results(t
         assert calls.get("risk 0", 0) == (0 if kind == "shared" else len(lesions))
         assert calls["malignancy 0"] == len(lesions)        # the embedding is kept from the classifying pass
     _assert_same_results(out)
+
+
+def test_an_uncertain_segmenter_outline_is_flagged_said_and_written(tiny_bundles, tmp_path):
+    """The segmenter's manifest sets the mean lesion probability under which its outline is flagged: the tiny
+    segmenter gives every pixel sigmoid(5) = 0.9933, so 0.995 flags it and 0.99 does not.  The flag reaches the
+    notes, findings.json, the console summary's data and predict's CSV; a reader's outline and volumes are not
+    flagged."""
+    import csv
+
+    from BreastDLRLib.batch import predict_manifest
+    from BreastDLRLib.bundles import open_bundle, save_bundle
+    from BreastDLRLib.io import write_png
+
+    first = open_bundle(tiny_bundles["segmenter"])
+    man = {k: v for k, v in first.manifest.items() if k not in ("weights", "format")}
+    case = make_image(seed=2)
+    src = tmp_path / "img.png"
+    write_png(case.image.array[0].astype(np.uint8), src)
+    (tmp_path / "m.csv").write_text(f"case_id,image\nc1,{src}\n")
+    for name, below in (("unsure", 0.995), ("sure", 0.99)):
+        seg = save_bundle(tmp_path / name, first.model("cpu"),
+                          {**man, "thresholds": {**first.thresholds, "uncertain_outline_below": below}}, "card").path
+        paths = [str(seg), str(tiny_bundles["malignancy"]), str(tiny_bundles["risk"])]
+        pipe = Pipeline.from_paths(paths, device="cpu")
+        res = pipe.analyze(case.image, explain=False)
+        (lr,) = res.lesions
+        assert lr.lesion.mean_probability == pytest.approx(0.9933, abs=1e-3)   # stored at half precision
+        assert lr.outline_uncertain is (name == "unsure")
+        said = [n for n in res.clinical_notes if "outline is uncertain" in n]
+        assert len(said) == (name == "unsure") and (not said or "0.99, below 0.99" not in said[0])
+        findings = write_analysis(tmp_path / f"out_{name}", res)
+        validate_findings(findings)
+        assert findings["lesions"][0]["outline_uncertain"] is (name == "unsure")
+        predict_manifest(tmp_path / "m.csv", tmp_path / f"pred_{name}.csv", model_paths=paths, device="cpu")
+        (row,) = csv.DictReader(open(tmp_path / f"pred_{name}.csv"))
+        assert row["outline_uncertain"] == ("true" if name == "unsure" else "false") and not row["error"]
+        # a reader's outline is the reader's: not flagged
+        drawn = pipe.analyze(case.image, explain=False, outline=case.image.with_array(np.ones(case.image.shape, np.uint8)))
+        assert not drawn.lesions[0].outline_uncertain
+        if name == "unsure":   # volumes: the threshold was measured on 2D images only
+            vol = pipe.segment(oblique_volume())
+            assert vol.lesions and not any(x.outline_uncertain for x in vol.lesions)

@@ -73,6 +73,21 @@ def test_segmenter_drops_thin_sheets_in_a_volume(pipe):
     assert len(unfiltered) > len(res.lesions)   # there were thin ones to drop
 
 
+def test_the_segmenter_flags_an_outline_it_is_unsure_of(pipe, shared_data):
+    """A held-out BUSI image (fold 0: the segmenter never trained on it) where the segmenter's outline misses most
+    of the reader's lesion is flagged for checking; the bundled sample, outlined well, is not."""
+    vol = read_volume(shared_data / "breast-us" / "busi" / "images" / "busi_malignant_075.png")
+    truth = read_mask(shared_data / "breast-us" / "busi" / "masks" / "busi_malignant_075_mask.png", like=vol)[0] > 0
+    res = pipe.segment(vol)
+    lr = res.lesions[0]
+    assert lr.outline_uncertain and lr.lesion.mean_probability < 0.9
+    assert any("outline is uncertain" in n for n in lr.notes)
+    found = lr.lesion.full_mask(vol.shape)[0]
+    assert dice_scores(found, truth)[0] < 0.5      # the flag is right here: the outline is poor
+    sample = pipe.segment(read_volume(SAMPLES / "breast_us_sample.png", spacing=0.109768))
+    assert sample.lesions and not sample.lesions[0].outline_uncertain
+
+
 def test_bf16_matches_fp32_within_the_stated_tolerance():
     """The segmenter's manifest enables bf16 on the CPU only if validation masks agreed (mean Dice >= 0.98);
     on the two samples the masks must agree with Dice >= 0.97."""
