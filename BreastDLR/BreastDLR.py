@@ -309,6 +309,9 @@ class BreastDLRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.outputTable = scene.GetNodeByID(ids.get("table")) if ids.get("table") else None
         p.outputHeatmap = scene.GetNodeByID(ids.get("heatmap")) if ids.get("heatmap") else None
         self.ui.resultsTableView.setMRMLTableNode(p.outputTable)
+        notes = findings.get("clinical_notes") or []
+        self.ui.notesLabel.setText("\n".join("• " + n for n in notes))
+        self.ui.notesLabel.setVisible(bool(notes))
         self.ui.resultsCollapsibleButton.collapsed = False
         self.logic.showInViews(p.inputVolume, p.outputHeatmap, p.heatmapOpacity, ids.get("focus_ras"))
         outputs = findings.get("outputs") or {}
