@@ -141,6 +141,7 @@ class BreastDLRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.progressBar.setVisible(False)
         self.ui.showReportButton.setEnabled(False)
+        self.ui.notesLabel.setVisible(False)   # the analysis notes, shown with the results
         self.initializeParameterNode()
         self.refreshModels()
 
