@@ -54,7 +54,21 @@ def _match_channels(x: torch.Tensor, in_channels: int) -> torch.Tensor:
     raise ValueError(f"expected {in_channels} (or 1 grey) channels, got {x.shape[1]}")
 
 
-class ResNetTrunk(nn.Module):
+class _Trunk(nn.Module):
+    """A convolutional trunk: ``feature_map(x)`` (the last stage's map, the Grad-CAM target's output) and global
+    average pooling (``self.avgpool``); ``forward(x) -> (B, out_features)``."""
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(feature_map), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_map(x))
+
+
+class ResNetTrunk(_Trunk):
     """A torchvision ResNet up to the last convolutional stage and global average pooling.
 
     ``forward(x: (B, C, H, W)) -> (B, out_features)``; ``out_features`` is 2048 for resnet50 and 512
@@ -81,19 +95,13 @@ class ResNetTrunk(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.avgpool(feature_map), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.feature_map(x))
-
     def last_conv_block(self) -> nn.Module:
         """The last residual block of the last convolutional stage (``layer4[-1]``), the usual
         Grad-CAM target for ResNets: its output is the (B, C, H/32, W/32) map that is pooled."""
         return self.layer4[-1]
 
 
-class VGGTrunk(nn.Module):
+class VGGTrunk(_Trunk):
     """The convolutional part of a torchvision VGG (``features``) and global average pooling.
 
     ``forward(x: (B, C, H, W)) -> (B, 512)``.  The ReLUs are made out-of-place so that Grad-CAM can hook the
@@ -120,18 +128,12 @@ class VGGTrunk(nn.Module):
         """The map of the last convolution (after its ReLU), before pooling."""
         return self.features(_match_channels(x, self.in_channels))
 
-    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.avgpool(feature_map), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.feature_map(x))
-
     def last_conv_block(self) -> nn.Module:
         """The last ReLU of ``features`` (after the last convolution, before the last max-pooling)."""
         return [m for m in self.features if isinstance(m, nn.ReLU)][-1]
 
 
-class EfficientNetTrunk(nn.Module):
+class EfficientNetTrunk(_Trunk):
     """The EfficientNet-b0 encoder of segmentation-models-pytorch (the lesion segmenter's encoder) and global
     average pooling, so that a classifier can start from a trained segmenter (:meth:`load_segmenter_encoder`).
 
@@ -156,12 +158,6 @@ class EfficientNetTrunk(nn.Module):
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
         return self.encoder((x - mean) / std)[-1]
-
-    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.avgpool(feature_map), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.feature_map(x))
 
     def last_conv_block(self) -> nn.Module:
         """The encoder's last MBConv block: its output is the (B, 320, H/32, W/32) map that is pooled."""
