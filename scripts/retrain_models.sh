@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Retrain every shipped model from the public data (see each MODEL_CARD.md) and refresh Resources/Models.
-# About 3 hours on a 2-core CPU without native bf16 (measured with 2 threads alone: the segmenter 38 min, BM and LH
-# 22 min after it, the ResNet50 pair for the ABVS model 62 min; on a CPU with native bf16 less).  Two jobs at a
-# time, one thread each.
+# About 3.5 hours on a 2-core CPU without native bf16 (measured with 2 threads alone: the segmenter 38 min, each of
+# the SEEDS pairs of BM and LH 22 min after it, the ResNet50 pair for the ABVS model 62 min; on a CPU with native
+# bf16 less).  Two jobs at a time, one thread each.  SEEDS (default "0 1 2") are the members of the BM/LH ensemble.
 # Usage: bash scripts/retrain_models.sh [path/to/breast-us/manifest.csv]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,19 +23,23 @@ export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
   # The segmenter's folds are the classifiers' (BreastDLRLib.training.splits), so its encoder never saw BM's and LH's
   # held-out patients, and the end-to-end check below runs on patients no model trained on.
   # BM and LH: one EfficientNet-b0 trunk started from the segmenter's encoder, two heads (the bundles declare the
-  # mirror test-time augmentation); LH's bundle keeps only its last layer and takes the trunk from BM's weights file
-  $py scripts/train_classifier.py --manifest "$manifest" --task both --seed 0 --epochs 22 --patience 30 \
-      --backbone efficientnet-b0 --init-encoder Resources/Models/breastdlr-segmenter-2d \
-      --out Resources/Models --work "$work/classifiers" --threads 1 ) &
+  # mirror test-time augmentation); LH's bundle keeps only its last layer and takes the trunk from BM's weights file.
+  # One such pair per seed, all on the same patient split (--split-seed 0); they become one ensemble below.
+  for seed in ${SEEDS:-0 1 2}; do
+    $py scripts/train_classifier.py --manifest "$manifest" --task both --seed "$seed" --split-seed 0 --epochs 22 \
+        --patience 30 --backbone efficientnet-b0 --init-encoder Resources/Models/breastdlr-segmenter-2d \
+        --out "$work/pair-seed$seed" --work "$work/classifiers-seed$seed" --threads 1
+  done ) &
 $py scripts/train_classifier.py --manifest "$manifest" --task both --seed 0 --epochs 22 --patience 30 \
     --out "$work/resnet50" --work "$work/resnet50-work" --threads 1
 wait
 # the segmenter on its held-out patients at full resolution; its manifest then declares the mirror on single images
 $py scripts/segmenter_heldout.py --manifest "$manifest" --out "$work/segmenter-heldout.json" --declare
-for task in malignancy risk; do   # held-out probabilities with the mirror, for the fusion head and the 4A table
-  $py scripts/add_mirror_tta.py --manifest "$manifest" --task "$task" --bundle "Resources/Models/breastdlr-$task-2d" \
-      --work "$work/tta"
-done
+# BM and LH as ensembles of the seed pairs (mean of the members' probabilities, each with its mirror); the held-out
+# probabilities (--work) feed the fusion head, the morphology heads and the 4A table
+members=(); for seed in ${SEEDS:-0 1 2}; do members+=("$work/pair-seed$seed"); done
+$py scripts/make_ensemble.py --manifest "$manifest" --task both --members "${members[@]}" --out Resources/Models \
+    --work "$work/tta"
 $py scripts/train_abvs.py --init "$work/resnet50/breastdlr-malignancy-2d" --out Resources/Models/breastdlr-abvs-threeplane --epochs 8
 $py scripts/train_fusion.py --manifest "$manifest" --val "$work/tta/val_malignancy.npz" \
     --out Resources/Models/breastdlr-fusion-age

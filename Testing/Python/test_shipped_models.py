@@ -314,3 +314,32 @@ def test_an_installed_optional_model_that_fails_its_checks_is_an_error_not_left_
     (models / "breastdlr-malignancy-2d" / "weights.safetensors").write_bytes(bytes(data))
     with pytest.raises(ModelBundleError, match="breastdlr-malignancy-2d"):
         Pipeline.from_paths(None, device="cpu", roles=("segmenter",), optional_roles=("risk",))
+
+
+def test_the_shipped_bm_and_lh_are_three_seed_ensembles_on_shared_trunks():
+    """BM and LH ship as ensembles of three networks trained with seeds 0-2 (docs/researchers.md): LH's members
+    load their trunks and embeddings from BM's member files, the members are different networks, the ensemble's
+    probability is the mean of its members', and LH's head on BM's embedding (what the pipeline runs, one trunk
+    pass for both) gives LH's own probability."""
+    import torch
+
+    bm_bundle, lh_bundle = open_bundle(MODELS / "breastdlr-malignancy-2d"), open_bundle(MODELS / "breastdlr-risk-2d")
+    assert [m["seed"] for m in bm_bundle.manifest["metrics"]["members"]] == [0, 1, 2]
+    bm, lh = bm_bundle.model("cpu").eval(), lh_bundle.model("cpu").eval()
+    assert len(bm.members) == len(lh.members) == 3
+    for mb, ml in zip(bm.members, lh.members):
+        sb, sl = mb.state_dict(), ml.state_dict()
+        shared = [k for k in sb if k.startswith(("trunk.", "embedding."))]
+        assert shared and all(torch.equal(sb[k], sl[k]) for k in shared)
+    first = bm.members[0].state_dict()
+    assert not any(torch.equal(first[k], bm.members[1].state_dict()[k]) for k in first if k.endswith("weight")
+                   and k.startswith("embedding."))
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p = torch.softmax(bm(x), 1)
+        mean = torch.stack([torch.softmax(m(x).float(), 1) for m in bm.members]).mean(0)
+        assert torch.allclose(p, mean, atol=1e-5)
+        q = torch.softmax(lh(x), 1)
+        q_shared = torch.softmax(lh.classifier(bm.embed(x)).float(), 1)
+        assert torch.allclose(q, q_shared, atol=1e-4)
+        assert not torch.allclose(p, q, atol=1e-3)                 # two tasks, not one head twice
