@@ -11,6 +11,7 @@ bash scripts/setup.sh requirements.txt
 manifest="${1:-../shared/data/breast-us/manifest.csv}"
 work="${WORK:-runs}"
 py=.venv/bin/python
+seeds="${SEEDS:-0 1 2}"   # the BM/LH pairs that become one ensemble
 # two trainings side by side, one thread each: more threads than cores makes OpenMP spin and runs 5-10x slower
 export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 # The segmenter first (real images, then synthetic 2D images and ABVS slices added), then BM and LH from its
@@ -25,7 +26,7 @@ export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
   # BM and LH: one EfficientNet-b0 trunk started from the segmenter's encoder, two heads (the bundles declare the
   # mirror test-time augmentation); LH's bundle keeps only its last layer and takes the trunk from BM's weights file.
   # One such pair per seed, all on the same patient split (--split-seed 0); they become one ensemble below.
-  for seed in ${SEEDS:-0 1 2}; do
+  for seed in $seeds; do
     $py scripts/train_classifier.py --manifest "$manifest" --task both --seed "$seed" --split-seed 0 --epochs 22 \
         --patience 30 --backbone efficientnet-b0 --init-encoder Resources/Models/breastdlr-segmenter-2d \
         --out "$work/pair-seed$seed" --work "$work/classifiers-seed$seed" --threads 1
@@ -37,7 +38,7 @@ wait
 $py scripts/segmenter_heldout.py --manifest "$manifest" --out "$work/segmenter-heldout.json" --declare
 # BM and LH as ensembles of the seed pairs (mean of the members' probabilities, each with its mirror); the held-out
 # probabilities (--work) feed the fusion head, the morphology heads and the 4A table
-members=(); for seed in ${SEEDS:-0 1 2}; do members+=("$work/pair-seed$seed"); done
+members=(); for seed in $seeds; do members+=("$work/pair-seed$seed"); done
 $py scripts/make_ensemble.py --manifest "$manifest" --task both --members "${members[@]}" --out Resources/Models \
     --work "$work/tta"
 $py scripts/train_abvs.py --init "$work/resnet50/breastdlr-malignancy-2d" --out Resources/Models/breastdlr-abvs-threeplane --epochs 8
