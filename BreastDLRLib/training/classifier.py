@@ -65,6 +65,8 @@ class ClassifierConfig:
     box_jitter: float = 0.2             # how far each box edge may move, as a fraction of the box's side
     init: str = ""                      # start from trained bundles (comma-separated, one per task) instead of scratch
     init_encoder: str = ""              # start an efficientnet-b0 trunk from a trained segmenter bundle's encoder
+    segmenter_views: str = ""           # .npz of training crops cut around out-of-fold segmenter outlines (see
+                                        # scripts/segmenter_views.py): one more view per lesion, drawn like box views
 
 
 TASK_NAMES = ("malignancy", "risk")
@@ -182,6 +184,39 @@ def build_crops(cases: List[Case], task: str, size: int, margin: float, margin_o
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(cache, x=x, y=y, case_id=np.array([c.case_id for c in kept]))
     return x, y, kept
+
+
+def add_segmenter_views(views: np.ndarray, cases: List[Case], cfg: ClassifierConfig,
+                        log: Callable[[str], None] = print) -> np.ndarray:
+    """``views`` (N, 1 + V, H, W) with the crops of ``cfg.segmenter_views`` appended as further views.
+
+    The file (written by scripts/segmenter_views.py) holds, per case id, crops cut as ``predict`` cuts them around
+    an outline from a segmenter that never trained on that patient.  A case it does not list (the validation fold,
+    or an image it could not read) repeats its exact crop, so every lesion keeps the same number of views."""
+    path = Path(cfg.segmenter_views)
+    if not path.is_file():
+        raise InputError(f"The segmenter views file {path} does not exist; write it with scripts/segmenter_views.py.")
+    z = np.load(path, allow_pickle=False)
+    for key in ("case_id", "x", "size", "margin", "margin_of"):
+        if key not in z.files:
+            raise InputError(f"{path.name} is not a segmenter views file (it has no {key!r}).")
+    if (int(z["size"]), float(z["margin"]), str(z["margin_of"])) != (cfg.size, cfg.margin, cfg.margin_of):
+        raise InputError(f"{path.name} holds {int(z['size'])} px crops with margin {float(z['margin']):g} of the "
+                         f"{z['margin_of']} side; this training cuts {cfg.size} px with margin {cfg.margin:g} of the "
+                         f"{cfg.margin_of} side. Write the views again with the same settings.")
+    extra = z["x"]
+    if extra.ndim != 4 or extra.shape[2:] != views.shape[2:]:
+        raise InputError(f"{path.name} holds crops of shape {extra.shape[1:]}, not (V, {views.shape[2]}, {views.shape[3]}).")
+    row = {str(c): i for i, c in enumerate(z["case_id"])}
+    out = np.concatenate([views, np.repeat(views[:, :1], extra.shape[1], axis=1)], axis=1)
+    n = 0
+    for i, c in enumerate(cases):
+        j = row.get(c.case_id)
+        if j is not None:
+            out[i, views.shape[1]:] = extra[j]
+            n += 1
+    log(f"[train] segmenter views: {n} of {len(cases)} lesions get {extra.shape[1]} crop(s) from {path.name}")
+    return out
 
 
 def crop_cache_name(cfg: ClassifierConfig) -> str:
@@ -324,6 +359,8 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
                               cache=work / crop_cache_name(cfg), log=log,
                               box_views=cfg.box_views, box_jitter=cfg.box_jitter, seed=cfg.seed)
     views = x if cfg.box_views else x[:, None]           # (N, 1 + V, H, W); view 0 is the exact crop
+    if cfg.segmenter_views:
+        views = add_segmenter_views(views, cases, cfg, log)
     x = views[:, 0]
     folds = classifier_folds(cases, tasks, cfg.folds, split_seed_of(cfg))
     tr, va = np.where(folds != cfg.val_fold)[0], np.where(folds == cfg.val_fold)[0]

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import InputError
 from .data import Case, read_manifest_csv, split_seed_of
 from .splits import segmenter_folds
-from .splits import segmenter_split as segmenter_split_of
+from .splits import parse_folds, segmenter_split as segmenter_split_of
 
 TASKS = ("segmenter", "malignancy", "risk")
 PRESET_NAMES = ("lu2025", "liu2025", "yang2024", "cpu")          # the keys of classifier.PRESETS (checked by a test)
@@ -313,7 +313,8 @@ def classifier_fold_result(raw: Dict[str, Any]) -> Dict[str, Any]:
 
 def segmenter_split(manifest: Path, cfg) -> Tuple[List[Case], List[Case]]:
     """The training and validation images of ``train_segmenter`` for ``cfg`` (same filter, folds and caps)."""
-    tr, va = segmenter_split_of(read_manifest_csv(manifest), cfg.folds, cfg.seed, cfg.val_fold, cfg.split)
+    tr, va = segmenter_split_of(read_manifest_csv(manifest), cfg.folds, cfg.seed, cfg.val_fold, cfg.split,
+                                train_folds=parse_folds(getattr(cfg, "train_folds", ""), cfg.folds, cfg.val_fold))
     if cfg.max_train_cases:
         tr, va = tr[: cfg.max_train_cases], va[: max(8, cfg.max_train_cases // 4)]
     return tr, va

@@ -24,7 +24,7 @@ from ..segmentation import cpu_has_fast_bf16
 from ..segmentation import normalise_intensity
 from .augment import ultrasound_augmenter
 from .data import Case, load_grey, load_mask, read_manifest_csv
-from .splits import segmenter_split
+from .splits import parse_folds, segmenter_split
 
 
 @dataclass
@@ -44,6 +44,7 @@ class SegmenterConfig:
     max_minutes: Optional[float] = None
     init: Optional[str] = None    # a segmenter bundle to fine-tune from (else random initialisation)
     split: str = "shared"         # "shared": the classifiers' patient folds (training.splits); "own": the earlier split
+    train_folds: str = ""         # "": every fold but val_fold; "1,2": only these folds (out-of-fold outlines)
 
 
 def load_arrays(cases: List[Case], size: int) -> tuple:
@@ -95,7 +96,8 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tr, va = segmenter_split(read_manifest_csv(manifest), cfg.folds, cfg.seed, cfg.val_fold, cfg.split)
+    tr, va = segmenter_split(read_manifest_csv(manifest), cfg.folds, cfg.seed, cfg.val_fold, cfg.split,
+                             train_folds=parse_folds(cfg.train_folds, cfg.folds, cfg.val_fold))
     assert not ({c.patient_id for c in tr} & {c.patient_id for c in va}), "patient on both sides of the split"
     if cfg.max_train_cases:
         tr = tr[: cfg.max_train_cases]

@@ -11,7 +11,7 @@ bundles trained with it are re-measured on their own held-out patients.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -62,8 +62,22 @@ def segmenter_folds(cases: Sequence[Case], k: int, seed: int, split: str = "shar
     return images, folds
 
 
+def parse_folds(text: str, k: int, val_fold: int) -> Optional[Tuple[int, ...]]:
+    """``"1,2"`` -> (1, 2): training folds given explicitly (None for ``""``: every fold but ``val_fold``)."""
+    if not str(text or "").strip():
+        return None
+    try:
+        folds = tuple(sorted({int(f) for f in str(text).split(",") if f.strip()}))
+    except ValueError:
+        raise InputError(f"Training folds must be fold numbers separated by commas, not {text!r}.") from None
+    if not folds or any(not 0 <= f < k for f in folds) or val_fold in folds:
+        raise InputError(f"Training folds {text!r} must lie in 0..{k - 1} and leave out the validation fold {val_fold}.")
+    return folds
+
+
 def segmenter_split(cases: Sequence[Case], k: int, seed: int, val_fold: int,
-                    split: str = "shared") -> Tuple[List[Case], List[Case]]:
-    """The segmenter's (training, validation) images."""
+                    split: str = "shared", train_folds: Optional[Sequence[int]] = None) -> Tuple[List[Case], List[Case]]:
+    """The segmenter's (training, validation) images; ``train_folds`` restricts training to those folds."""
     images, folds = segmenter_folds(cases, k, seed, split)
-    return ([c for c, f in zip(images, folds) if f != val_fold], [c for c, f in zip(images, folds) if f == val_fold])
+    train = [c for c, f in zip(images, folds) if f != val_fold and (train_folds is None or f in train_folds)]
+    return train, [c for c, f in zip(images, folds) if f == val_fold]

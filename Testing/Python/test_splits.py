@@ -105,3 +105,20 @@ def test_the_shipped_segmenter_never_trained_on_the_classifiers_held_out_patient
     _, va = segmenter_split(cases, seg["folds"], seg["seed"], seg["val_fold"], seg["split"])
     held = _classifier_held_out(cases, k, seed)[clf["val_fold"]]
     assert len(held) > 300 and held <= {_who(c) for c in va}
+
+
+def test_training_folds_restrict_training_and_keep_the_validation_fold(manifest):
+    """--train-folds (out-of-fold outlines for scripts/segmenter_views.py): training uses only the folds named,
+    validation stays the whole validation fold, and a fold list that takes in the validation fold is refused."""
+    from BreastDLRLib.training.splits import parse_folds
+
+    cases = read_manifest_csv(manifest)
+    images, folds = segmenter_folds(cases, 4, 0)
+    tr, va = segmenter_split(cases, 4, 0, 3, train_folds=parse_folds("1, 2", 4, 3))
+    fold_of = {c.case_id: int(f) for c, f in zip(images, folds)}
+    assert tr and {fold_of[c.case_id] for c in tr} == {1, 2}
+    assert [c.case_id for c in va] == [c.case_id for c in segmenter_split(cases, 4, 0, 3)[1]]
+    assert parse_folds("", 4, 3) is None
+    for bad in ("1,3", "0,7", "a"):
+        with pytest.raises(InputError, match="Training folds"):
+            parse_folds(bad, 4, 3)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from BreastDLRLib.networks.classifiers import build_classifier
@@ -195,3 +196,29 @@ def test_init_from_bundles_puts_each_head_on_the_shared_trunk(tmp_path):
     wide = build_classifier("EmbeddingNet", backbone="resnet18", embedding_dim=16, num_classes=2)
     with pytest.raises(ValueError, match="not an EmbeddingNet"):
         init_from_bundles(wide, [str(bm)], ("malignancy",))
+
+
+def test_segmenter_views_are_appended_after_the_exact_crop(tmp_path):
+    """--segmenter-views: the file's crops become one more view of the lesions it lists; the others repeat their
+    exact crop; a file cut with other crop settings is refused with the settings in the message."""
+    from BreastDLRLib.errors import InputError
+    from BreastDLRLib.synthetic import make_dataset_2d
+    from BreastDLRLib.training.classifier import ClassifierConfig, add_segmenter_views
+    from BreastDLRLib.training.data import read_manifest_csv
+
+    cases = read_manifest_csv(make_dataset_2d(4, 2, tmp_path, shape=(64, 64), spacing_mm=0.25))[:3]
+    views = np.arange(3 * 2 * 8 * 8, dtype=np.uint8).reshape(3, 2, 8, 8)
+    extra = np.full((1, 1, 8, 8), 7, np.uint8)
+    f = tmp_path / "views.npz"
+    np.savez(f, case_id=np.array([cases[1].case_id]), x=extra, size=8, margin=0.3, margin_of="longer")
+    cfg = ClassifierConfig(size=8, margin=0.3, segmenter_views=str(f))
+    out = add_segmenter_views(views, cases, cfg, log=lambda m: None)
+    assert out.shape == (3, 3, 8, 8)
+    np.testing.assert_array_equal(out[:, :2], views)
+    np.testing.assert_array_equal(out[1, 2], extra[0, 0])
+    np.testing.assert_array_equal(out[0, 2], views[0, 0])
+    np.testing.assert_array_equal(out[2, 2], views[2, 0])
+    with pytest.raises(InputError, match="128 px"):
+        add_segmenter_views(views, cases, ClassifierConfig(size=128, segmenter_views=str(f)), log=lambda m: None)
+    with pytest.raises(InputError, match="does not exist"):
+        add_segmenter_views(views, cases, ClassifierConfig(size=8, segmenter_views=str(tmp_path / "no.npz")))
