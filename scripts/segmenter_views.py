@@ -12,9 +12,9 @@ settings.  The segmenters are trained with `train_segmenter.py --val-fold V --tr
 
 Each lesion goes to a segmenter whose training folds leave out the lesion's fold; a lesion no segmenter is out of
 fold for is an error, so no view comes from a segmenter that saw the patient.  Writes an .npz (no pickle) of
-``case_id``, ``x`` (N, 1, size, size; uint8), ``found`` (a finding was made), ``iou`` (its box against the reader's
-largest lesion; 0 when nothing was found), the crop settings and the segmenters' names, and prints how the boxes
-compare with the reader's.
+``case_id``, ``x`` (N, 1, size, size; uint8), ``found`` (a finding was made), ``iou`` (its box against the box
+of the reader's whole mask; 0 when nothing was found), the crop settings and the segmenters' paths, and prints how
+the boxes compare with the reader's.
 """
 from __future__ import annotations
 
@@ -89,14 +89,14 @@ def main() -> None:
     cases = [c for c in read_manifest_csv(a.manifest) if any(label_of(c, t) is not None for t in tasks)]
     cases = [c for c in cases if has_lesion_mask(c)]
     folds = classifier_folds(cases, tasks, 5, a.split_seed)
-    ids, xs, found, ious, used = [], [], [], [], []
+    ids, xs, found, ious = [], [], [], []
     t0 = time.time()
     todo = [(c, int(f)) for c, f in zip(cases, folds) if f != a.val_fold]
     for n, (case, fold) in enumerate(todo):
         pick = [s for s in segs if fold not in s[1]]
         if not pick:
             sys.exit(f"segmenter_views: no segmenter left fold {fold} out (case {case.case_id})")
-        bundle, _, pipe = pick[0]
+        pipe = pick[0][2]
         try:
             sp = case.row.get("pixel_spacing_mm") or None
             vol = read_volume(case.image, spacing=float(sp) if sp else None)
@@ -115,7 +115,6 @@ def main() -> None:
         xs.append((np.clip(crop, 0, 1) * 255).astype(np.uint8)[None])
         found.append(bool(seg.lesions))
         ious.append(box_iou(les.bbox_kji, reader) if seg.lesions else 0.0)
-        used.append(bundle.name)
         if n % 200 == 0:
             print(f"[views] {n}/{len(todo)} ({time.time() - t0:.0f} s)", flush=True)
     iou = np.array(ious)

@@ -314,7 +314,7 @@ def classifier_fold_result(raw: Dict[str, Any]) -> Dict[str, Any]:
 def segmenter_split(manifest: Path, cfg) -> Tuple[List[Case], List[Case]]:
     """The training and validation images of ``train_segmenter`` for ``cfg`` (same filter, folds and caps)."""
     tr, va = segmenter_split_of(read_manifest_csv(manifest), cfg.folds, cfg.seed, cfg.val_fold, cfg.split,
-                                train_folds=parse_folds(getattr(cfg, "train_folds", ""), cfg.folds, cfg.val_fold))
+                                train_folds=parse_folds(cfg.train_folds, cfg.folds, cfg.val_fold))
     if cfg.max_train_cases:
         tr, va = tr[: cfg.max_train_cases], va[: max(8, cfg.max_train_cases // 4)]
     return tr, va
