@@ -35,7 +35,7 @@ DATASET_CITATIONS = {  # dataset column value -> citation (the three datasets of
     "busi": "BUSI (Al-Dhabyani et al., Data in Brief 28:104863, 2020, CC0)",
 }
 TRAINING_FILES = ("checkpoint*.pt", "best*.pt", "history*.json", "crops_*.npz", "fold_result.json", "train_config.json")
-IGNORED_ON_RESUME = ("threads", "max_minutes")       # settings that may change between a run and its resumption
+IGNORED_ON_RESUME = ("threads", "max_minutes", "device")      # settings that may change between a run and its resumption
 Log = Callable[[str], None]
 
 
@@ -81,6 +81,9 @@ def register(sub) -> None:
     t.add_argument("--max-minutes", type=float, help="time budget (for --cv shared between the folds)")
     t.add_argument("--max-cases", type=int, help="use at most this many training images (quick trials)")
     t.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="segmenter: where it trains (auto: a CUDA GPU where torch sees one, else the CPU); the "
+                        "classifiers train on the CPU")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoints in the work folder")
     t.add_argument("--work", help="work folder for checkpoints (default: <out>-work)")
     t.set_defaults(func=cmd_train)
@@ -120,7 +123,10 @@ def make_config(a: argparse.Namespace):
         return SegmenterConfig(size=a.size or base.size, epochs=a.epochs or base.epochs,
                                batch_size=a.batch_size or base.batch_size, lr=a.lr or base.lr, folds=a.folds,
                                val_fold=a.val_fold, seed=a.seed, max_train_cases=a.max_cases, threads=a.threads,
-                               max_minutes=a.max_minutes)
+                               max_minutes=a.max_minutes, device=a.device)
+    if a.device == "cuda":
+        raise InputError("--device cuda applies to the segmenter only: the malignancy and risk classifiers train on "
+                         "the CPU in this release; leave out --device.")
     from .classifier import ClassifierConfig, PRESETS
 
     if a.box_views is not None and a.box_views < 0:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..networks.segmenter import build_segmenter
 from ..progress import step_bar
-from ..segmentation import cpu_has_fast_bf16
+from ..segmentation import cpu_has_fast_bf16, resolve_device
 from ..segmentation import normalise_intensity
 from .augment import ultrasound_augmenter
 from .data import Case, load_grey, load_mask, read_manifest_csv
@@ -45,6 +45,7 @@ class SegmenterConfig:
     init: Optional[str] = None    # a segmenter bundle to fine-tune from (else random initialisation)
     split: str = "shared"         # "shared": the classifiers' patient folds (training.splits); "own": the earlier split
     train_folds: str = ""         # "": every fold but val_fold; "1,2": only these folds (out-of-fold outlines)
+    device: str = "auto"          # "auto": a CUDA GPU where torch sees one, else the CPU; or "cpu" / "cuda"
 
 
 def load_arrays(cases: List[Case], size: int) -> tuple:
@@ -77,20 +78,24 @@ def dice_scores(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 @torch.inference_mode()
 def predict_masks(model, imgs: np.ndarray, size: int, bf16: bool, batch: int = 32) -> np.ndarray:
     model.eval()
+    dev = next(model.parameters()).device
     out = []
     for s in range(0, len(imgs), batch):
-        x = torch.from_numpy(imgs[s:s + batch]).float().unsqueeze(1)
+        x = torch.from_numpy(imgs[s:s + batch]).float().unsqueeze(1).to(dev)
         x = normalise_intensity(x).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             y = model(x).float()
-        out.append((torch.sigmoid(y[:, 0]) > 0.5).numpy())
+        out.append((torch.sigmoid(y[:, 0]) > 0.5).cpu().numpy())
     return np.concatenate(out)
 
 
 def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterConfig = SegmenterConfig(),
                     work_dir: Optional[str | Path] = None, log=print) -> Dict:
     torch.manual_seed(cfg.seed)
-    if cfg.bf16 and not cpu_has_fast_bf16():
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        log(f"[train] on the GPU ({torch.cuda.get_device_name(device)})")
+    elif cfg.bf16 and not cpu_has_fast_bf16():
         log("[train] this CPU has no native bf16 (emulated bf16 is several times slower): training in fp32")
         cfg = replace(cfg, bf16=False)
     np.random.seed(cfg.seed)
@@ -115,7 +120,7 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
 
         model.load_state_dict({k: v.float() for k, v in load_weights(open_bundle(cfg.init)).items()})
         log(f"[train] fine-tuning from {cfg.init}")
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1)
@@ -124,7 +129,7 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
     ckpt = work / "checkpoint.pt"
     start_epoch, best, best_epoch, history = 0, -1.0, -1, []
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -145,8 +150,9 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
             items = [aug({"image": xtr[i][None].astype(np.float32), "mask": ytr[i][None].astype(np.float32)}) for i in idx]
             x = torch.stack([torch.as_tensor(np.asarray(it["image"])) for it in items])
             y = torch.stack([torch.as_tensor(np.asarray(it["mask"])) for it in items])
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x = normalise_intensity(x).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = model(x)
             logits = logits.float()
             loss = F.binary_cross_entropy_with_logits(logits, y) + dice_loss(logits, y)
@@ -184,7 +190,7 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
             log("[train] time budget reached")
             break
     bar.close()
-    model.load_state_dict(torch.load(work / "best.pt", weights_only=True))
+    model.load_state_dict(torch.load(work / "best.pt", weights_only=True, map_location=device))
     model.eval()
     pred32 = predict_masks(model, xva, cfg.size, False)
     pred16 = predict_masks(model, xva, cfg.size, True)
@@ -208,5 +214,6 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
                        dice_median_real_lesion_images_fp32=float(np.median(d32[lesion & real])))
     from collections import Counter
 
+    model = model.to("cpu")               # the bundle is written from CPU tensors, wherever it trained
     return {"model": model, "metrics": metrics, "history": history, "config": asdict(cfg), "arguments": args,
             "n_train": len(tr), "train_datasets": dict(Counter(c.dataset for c in tr))}
