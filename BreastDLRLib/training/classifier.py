@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..networks.classifiers import build_classifier
 from ..progress import step_bar
-from ..segmentation import cpu_has_fast_bf16
+from ..segmentation import cpu_has_fast_bf16, resolve_device
 from .augment import ultrasound_augmenter
 from .data import Case, patient_folds, read_manifest_csv, split_seed_of
 
@@ -67,6 +67,7 @@ class ClassifierConfig:
     init_encoder: str = ""              # start an efficientnet-b0 trunk from a trained segmenter bundle's encoder
     segmenter_views: str = ""           # .npz of training crops cut around out-of-fold segmenter outlines (see
                                         # scripts/segmenter_views.py): one more view per lesion, drawn like box views
+    device: str = "auto"                # "auto": a CUDA GPU where torch sees one, else the CPU; or "cpu" / "cuda"
 
 
 TASK_NAMES = ("malignancy", "risk")
@@ -295,25 +296,29 @@ def augmenter(seed: int):
     return ultrasound_augmenter(seed, with_mask=False, affine_prob=0.8, scale=0.2, translate=10)
 
 
-def _to_input(x_uint8: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(x_uint8).float().div_(255.0).unsqueeze(1)
+def _to_input(x_uint8: np.ndarray, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    x = torch.from_numpy(x_uint8).to(device).float().div_(255.0).unsqueeze(1)
     return x.repeat(1, 3, 1, 1).contiguous(memory_format=torch.channels_last)
 
 
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.inference_mode()
-def _batched(fn, x: np.ndarray, bf16: bool, batch: int) -> np.ndarray:
-    """``fn`` (a network call, float32 output) over uint8 crops in batches, rows concatenated."""
+def _batched(fn, x: np.ndarray, bf16: bool, batch: int, device: torch.device = torch.device("cpu")) -> np.ndarray:
+    """``fn`` (a network call on ``device``, float32 output) over uint8 crops in batches, rows concatenated."""
     out = []
     for s in range(0, len(x), batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out.append(fn(_to_input(x[s:s + batch])).float())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(fn(_to_input(x[s:s + batch], device)).float().cpu())
     return torch.cat(out).numpy()
 
 
 def predict_probs(model, x: np.ndarray, bf16: bool, batch: int = 64) -> np.ndarray:
     """(N, T) positive-class probabilities, one column per task (logits come in pairs)."""
     model.eval()
-    logits = torch.from_numpy(_batched(model, x, bf16, batch))
+    logits = torch.from_numpy(_batched(model, x, bf16, batch, _device_of(model)))
     return torch.softmax(logits.view(len(logits), -1, 2), 2)[..., 1].numpy()
 
 
@@ -342,7 +347,10 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
     bs = cfg.batch_size or preset["batch_size"]
     lr = cfg.lr or preset["lr"]
     torch.manual_seed(cfg.seed)
-    if cfg.bf16 and not cpu_has_fast_bf16():
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        log(f"[train] on the GPU ({torch.cuda.get_device_name(device)})")
+    elif cfg.bf16 and not cpu_has_fast_bf16():
         log("[train] this CPU has no native bf16 (emulated bf16 is several times slower): training in fp32")
         cfg = replace(cfg, bf16=False)
     if cfg.threads:
@@ -376,7 +384,7 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
         init_from_bundles(model, [b for b in cfg.init.split(",") if b], tasks, log)
     if cfg.init_encoder:
         init_from_segmenter(model, cfg.init_encoder, cfg, manifest, [cases[i] for i in va], log)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
     if preset["optimizer"] == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=preset.get("momentum", 0.9), weight_decay=cfg.weight_decay)
     elif preset["optimizer"] == "adam":
@@ -389,11 +397,11 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
     for t in range(len(tasks)):
         pos = y[tr, t][y[tr, t] >= 0].mean()
         w = torch.tensor([1.0 / max(1e-6, 1 - pos), 1.0 / max(1e-6, pos)], dtype=torch.float32)
-        weights.append(w / w.sum() * 2)
+        weights.append((w / w.sum() * 2).to(device))
     ckpt = work / f"checkpoint_{cfg.task}.pt"
     start, best, best_epoch, history = 0, -1.0, 0, []
     if ckpt.is_file():
-        st = torch.load(ckpt, weights_only=True)
+        st = torch.load(ckpt, weights_only=True, map_location=device)
         model.load_state_dict(st["model"]); opt.load_state_dict(st["optimizer"]); sched.load_state_dict(st["scheduler"])
         start, best, best_epoch = int(st["epoch"]) + 1, float(st["best"]), int(st["best_epoch"])
         hist = work / f"history_{cfg.task}.json"
@@ -417,11 +425,11 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
             imgs = np.stack([np.asarray(aug({"image": views[i, v][None].astype(np.float32)})["image"])[0]
                              for i, v in zip(idx, view)])
             xb = torch.from_numpy(np.clip(imgs, 0, 255)).float().div_(255).unsqueeze(1).repeat(1, 3, 1, 1)
-            xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            xb = xb.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = model(xb)
             pairs = logits.float().view(len(idx), len(tasks), 2)
-            yb = torch.from_numpy(y[idx])
+            yb = torch.from_numpy(y[idx]).to(device)
             loss = sum(F.cross_entropy(pairs[:, t], yb[:, t], weight=weights[t], ignore_index=-1)
                        for t in range(len(tasks)) if (yb[:, t] >= 0).any())
             opt.zero_grad(set_to_none=True)
@@ -454,7 +462,7 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
             log("[train] time budget reached")
             break
     bar.close()
-    model.load_state_dict(torch.load(work / f"best_{cfg.task}.pt", weights_only=True))
+    model.load_state_dict(torch.load(work / f"best_{cfg.task}.pt", weights_only=True, map_location=device))
     model.eval()
     svm: Dict[str, Dict] = {}
     p_net = None                                          # the network's own last layer, before an SVM replaces it
@@ -468,6 +476,7 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
     p32 = predict_probs(model, x[va], False)
     p16 = predict_probs(model, x[va], True) if cfg.bf16 else None     # emulated bf16 is too slow to bother
     p_flip = (p32 + predict_probs(model, np.ascontiguousarray(x[va][:, :, ::-1]), False)) / 2   # + mirror (hflip TTA)
+    model = model.to("cpu")                               # the bundles are written from CPU tensors, wherever it trained
     results = {}
     ds_all = np.array([cases[i].dataset for i in va])
     for t, name in enumerate(tasks):
@@ -499,7 +508,7 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
 def embeddings_of(model, x: np.ndarray, bf16: bool, batch: int = 64) -> np.ndarray:
     """(N, embedding_dim) image embeddings of uint8 crops (eval mode, no augmentation)."""
     model.eval()
-    return _batched(model.embed, x, bf16, batch).astype(np.float64)
+    return _batched(model.embed, x, bf16, batch, _device_of(model)).astype(np.float64)
 
 
 def fit_svm_head(model, x: np.ndarray, y: np.ndarray, tasks: Tuple[str, ...], bf16: bool, C: float = 1.0,
@@ -529,7 +538,7 @@ def fit_svm_head(model, x: np.ndarray, y: np.ndarray, tasks: Tuple[str, ...], bf
         b0 = float(head.intercept_[0] - w @ head.mean_)
         a, b = head.platt_
         neg, pos = 2 * t, 2 * t + 1                                  # logits come in pairs, one per task
-        w_layer[pos].copy_(torch.from_numpy(a * w).to(w_layer.dtype))
+        w_layer[pos].copy_(torch.from_numpy(a * w).to(w_layer.device, w_layer.dtype))
         b_layer[pos] = float(a * b0 + b)
         w_layer[neg].zero_()
         b_layer[neg] = 0.0

@@ -82,8 +82,7 @@ def register(sub) -> None:
     t.add_argument("--max-cases", type=int, help="use at most this many training images (quick trials)")
     t.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="segmenter: where it trains (auto: a CUDA GPU where torch sees one, else the CPU); the "
-                        "classifiers train on the CPU")
+                   help="where it trains (default auto: a CUDA GPU where torch sees one, else the CPU)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoints in the work folder")
     t.add_argument("--work", help="work folder for checkpoints (default: <out>-work)")
     t.set_defaults(func=cmd_train)
@@ -124,9 +123,6 @@ def make_config(a: argparse.Namespace):
                                batch_size=a.batch_size or base.batch_size, lr=a.lr or base.lr, folds=a.folds,
                                val_fold=a.val_fold, seed=a.seed, max_train_cases=a.max_cases, threads=a.threads,
                                max_minutes=a.max_minutes, device=a.device)
-    if a.device == "cuda":
-        raise InputError("--device cuda applies to the segmenter only: the malignancy and risk classifiers train on "
-                         "the CPU in this release; leave out --device.")
     from .classifier import ClassifierConfig, PRESETS
 
     if a.box_views is not None and a.box_views < 0:
@@ -150,7 +146,7 @@ def make_config(a: argparse.Namespace):
                             batch_size=a.batch_size or PRESETS[preset]["batch_size"], lr=a.lr or PRESETS[preset]["lr"],
                             folds=a.folds, val_fold=a.val_fold, seed=a.seed, split_seed=a.split_seed,
                             max_minutes=a.max_minutes,
-                            max_cases=a.max_cases, threads=a.threads,
+                            max_cases=a.max_cases, threads=a.threads, device=a.device,
                             box_views=base.box_views if a.box_views is None else a.box_views,
                             box_jitter=base.box_jitter if a.box_jitter is None else a.box_jitter)
 

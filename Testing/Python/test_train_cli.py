@@ -396,31 +396,26 @@ def test_a_classifier_starts_from_the_segmenter_trained_on_its_split(manifest, t
         assert not bad.exists()
 
 
-def test_device_cuda_is_for_the_segmenter_only(manifest, tmp_path, capsys):
-    assert _train("malignancy", "--manifest", str(manifest), "--out", str(tmp_path / "m"), "--device", "cuda",
-                  *FAST) != 0
-    assert "applies to the segmenter only" in capsys.readouterr().err
-    assert not (tmp_path / "m").exists()
-
-
-def test_segmenter_on_cuda_is_refused_clearly_without_a_gpu(manifest, tmp_path, capsys):
+@pytest.mark.parametrize("task", ["segmenter", "malignancy"])
+def test_cuda_is_refused_clearly_without_a_gpu(manifest, tmp_path, capsys, task):
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present: see test_segmenter_trains_on_the_gpu")
-    assert _train("segmenter", "--manifest", str(manifest), "--out", str(tmp_path / "s"), "--device", "cuda",
-                  *FAST) != 0
+        pytest.skip("a GPU is present: see test_training_on_the_gpu")
+    assert _train(task, "--manifest", str(manifest), "--out", str(tmp_path / "b"), "--device", "cuda", *FAST) != 0
     assert "no CUDA GPU is available here" in capsys.readouterr().err
-    assert not (tmp_path / "s").exists()
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (none on the project's CI)")
-def test_segmenter_trains_on_the_gpu(manifest, tmp_path):
+@pytest.mark.parametrize("task", ["segmenter", "malignancy"])
+def test_training_on_the_gpu(manifest, tmp_path, task):
     """One epoch on the GPU: the bundle is written from CPU tensors, opens on the CPU and records the device asked for."""
-    out = tmp_path / "seg"
-    assert _train("segmenter", "--manifest", str(manifest), "--out", str(out), "--folds", "2", "--device", "cuda",
-                  *FAST) == 0
+    out = tmp_path / task
+    extra = ["--backbone", "resnet18"] if task != "segmenter" else []
+    assert _train(task, "--manifest", str(manifest), "--out", str(out), "--folds", "2", "--device", "cuda",
+                  *extra, *FAST) == 0
     b = open_bundle(out)
     model = b.model("cpu")
     assert all(p.device.type == "cpu" for p in model.parameters())
-    assert "cuda" in json.dumps(b.manifest)
+    assert b.manifest["provenance"]["config"]["device"] == "cuda"
