@@ -348,8 +348,9 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
     lr = cfg.lr or preset["lr"]
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    trained_on = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
     if device.type == "cuda":
-        log(f"[train] on the GPU ({torch.cuda.get_device_name(device)})")
+        log(f"[train] training on {trained_on}")
     elif cfg.bf16 and not cpu_has_fast_bf16():
         log("[train] this CPU has no native bf16 (emulated bf16 is several times slower): training in fp32")
         cfg = replace(cfg, bf16=False)
@@ -488,7 +489,7 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
                    "val_patients": len({cases[i].patient_id for i in va[sel]}), "val_positives": int(yt.sum()),
                    "auc": auc.auc, "auc_ci95": [auc.ci_low, auc.ci_high], "auc_by_dataset": {},
                    "bf16_vs_fp32_max_abs_diff": None if p16 is None else float(np.abs(p16[sel, t] - pt).max()),
-                   "best_epoch": best_epoch, "epochs_run": len(history),
+                   "best_epoch": best_epoch, "epochs_run": len(history), "trained_on": trained_on,
                    "multitask": list(tasks) if len(tasks) > 1 else None}
         metrics["auc_tta_hflip"] = roc_auc(yt, p_flip[sel, t]).auc
         if name in svm:

@@ -93,8 +93,9 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
                     work_dir: Optional[str | Path] = None, log=print) -> Dict:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    trained_on = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
     if device.type == "cuda":
-        log(f"[train] on the GPU ({torch.cuda.get_device_name(device)})")
+        log(f"[train] training on {trained_on}")
     elif cfg.bf16 and not cpu_has_fast_bf16():
         log("[train] this CPU has no native bf16 (emulated bf16 is several times slower): training in fp32")
         cfg = replace(cfg, bf16=False)
@@ -205,7 +206,7 @@ def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterCon
         "dice_by_dataset": {ds: float(d32[lesion & np.array([c.dataset == ds for c in va])].mean())
                             for ds in sorted({c.dataset for c in va})},
         "bf16_vs_fp32_mask_dice_mean": float(agree.mean()), "bf16_vs_fp32_mask_dice_min": float(agree.min()),
-        "best_epoch": best_epoch, "epochs_run": len(history),
+        "best_epoch": best_epoch, "epochs_run": len(history), "trained_on": trained_on,
     }
     real = np.array([c.dataset != "synthetic" for c in va])
     if real.any() and not real.all():       # synthetic images in the validation fold: the real images' figures on their own too

@@ -72,6 +72,8 @@ def test_malignancy_bundle_holds_out_whole_patients(manifest, tmp_path, capsys):
     b.model("cpu")                                              # the weights fit the network the manifest names
     prov = b.manifest["provenance"]
     assert "--backbone resnet18" in prov["command"] and "--folds 2" in prov["command"]
+    if not __import__("torch").cuda.is_available():
+        assert b.manifest["metrics"]["trained_on"] == "cpu"          # where the default "auto" trained
     card = (out / "MODEL_CARD.md").read_text()
     assert f"manifest.csv: synthetic ({N_IMAGES} images)" in card and "ResNet18 trunk" in card
     assert "BUS-BRA" not in card                                # the card describes the data actually used
@@ -125,6 +127,9 @@ def test_segmenter_cross_validation(manifest, tmp_path):
     assert _train("segmenter", "--manifest", str(manifest), "--out", str(out), "--folds", "2", "--cv", *FAST) == 0
     b = open_bundle(out)
     assert b.role == "segmenter" and b.input["size"] == [32, 32]
+    assert b.manifest["provenance"]["config"]["device"] == "auto"
+    if not __import__("torch").cuda.is_available():
+        assert b.manifest["metrics"]["trained_on"] == "cpu"          # where "auto" trained, recorded in the bundle
     b.model("cpu")
     cv = json.loads((out / "cv_metrics.json").read_text())
     ids = [set(f["val_case_ids"]) for f in cv["per_fold"]]
@@ -419,3 +424,4 @@ def test_training_on_the_gpu(manifest, tmp_path, task):
     model = b.model("cpu")
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert b.manifest["provenance"]["config"]["device"] == "cuda"
+    assert b.manifest["metrics"]["trained_on"].startswith("cuda (")
