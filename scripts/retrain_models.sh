@@ -3,6 +3,9 @@
 # About 3.5 hours on a 2-core CPU without native bf16 (measured with 2 threads alone: the segmenter 38 min, each of
 # the SEEDS pairs of BM and LH 22 min after it, the ResNet50 pair for the ABVS model 62 min; on a CPU with native
 # bf16 less).  Two jobs at a time, one thread each.  SEEDS (default "0 1 2") are the members of the BM/LH ensemble.
+# DEVICE (default "cpu", as the shipped models were trained) goes to the segmenter's and the 2D classifiers' --device:
+# "auto" or "cuda" trains them on a CUDA GPU (not bit-identical to the CPU runs; each bundle's metrics.trained_on says
+# where it trained). The ABVS model trains on the CPU.
 # Usage: bash scripts/retrain_models.sh [path/to/breast-us/manifest.csv]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,15 +14,16 @@ bash scripts/setup.sh requirements.txt
 manifest="${1:-../shared/data/breast-us/manifest.csv}"
 work="${WORK:-runs}"
 py=.venv/bin/python
+device="${DEVICE:-cpu}"
 seeds="${SEEDS:-0 1 2}"   # the BM/LH pairs that become one ensemble
 # two trainings side by side, one thread each: more threads than cores makes OpenMP spin and runs 5-10x slower
 export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 # The segmenter first (real images, then synthetic 2D images and ABVS slices added), then BM and LH from its
 # encoder; side by side, the ResNet50 pair of the earlier recipe, which only initialises the ABVS three-plane model.
-( $py scripts/train_segmenter.py --manifest "$manifest" --out "$work/segmenter-real" --work "$work/segmenter" --threads 1
+( $py scripts/train_segmenter.py --manifest "$manifest" --out "$work/segmenter-real" --work "$work/segmenter" --threads 1 --device "$device"
   $py scripts/make_mixed_manifest.py --manifest "$manifest" --out "$work/mix"
   $py scripts/train_segmenter.py --manifest "$work/mix/manifest.csv" --init "$work/segmenter-real" --epochs 7 --lr 0.0005 \
-      --out Resources/Models/breastdlr-segmenter-2d --work "$work/segmix" --threads 1 \
+      --out Resources/Models/breastdlr-segmenter-2d --work "$work/segmix" --threads 1 --device "$device" \
       --card-command "bash scripts/retrain_models.sh (segmenter part: real images, then synthetic 2D images and ABVS slices added)"
   # The segmenter's folds are the classifiers' (BreastDLRLib.training.splits), so its encoder never saw BM's and LH's
   # held-out patients, and the end-to-end check below runs on patients no model trained on.
@@ -29,10 +33,10 @@ export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
   for seed in $seeds; do
     $py scripts/train_classifier.py --manifest "$manifest" --task both --seed "$seed" --split-seed 0 --epochs 22 \
         --patience 30 --backbone efficientnet-b0 --init-encoder Resources/Models/breastdlr-segmenter-2d \
-        --out "$work/pair-seed$seed" --work "$work/classifiers-seed$seed" --threads 1
+        --out "$work/pair-seed$seed" --work "$work/classifiers-seed$seed" --threads 1 --device "$device"
   done ) &
 $py scripts/train_classifier.py --manifest "$manifest" --task both --seed 0 --epochs 22 --patience 30 \
-    --out "$work/resnet50" --work "$work/resnet50-work" --threads 1
+    --out "$work/resnet50" --work "$work/resnet50-work" --threads 1 --device "$device"
 wait
 # the segmenter on its held-out patients at full resolution; its manifest then declares the mirror on single images
 $py scripts/segmenter_heldout.py --manifest "$manifest" --out "$work/segmenter-heldout.json" --declare
