@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..networks.classifiers import build_classifier
 from ..progress import step_bar
-from ..segmentation import cpu_has_fast_bf16, resolve_device
 from .augment import ultrasound_augmenter
+from .devices import device_of, training_device
 from .data import Case, patient_folds, read_manifest_csv, split_seed_of
 
 PRESETS: Dict[str, Dict] = {
@@ -301,10 +301,6 @@ def _to_input(x_uint8: np.ndarray, device: torch.device = torch.device("cpu")) -
     return x.repeat(1, 3, 1, 1).contiguous(memory_format=torch.channels_last)
 
 
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.inference_mode()
 def _batched(fn, x: np.ndarray, bf16: bool, batch: int, device: torch.device = torch.device("cpu")) -> np.ndarray:
     """``fn`` (a network call on ``device``, float32 output) over uint8 crops in batches, rows concatenated."""
@@ -318,7 +314,7 @@ def _batched(fn, x: np.ndarray, bf16: bool, batch: int, device: torch.device = t
 def predict_probs(model, x: np.ndarray, bf16: bool, batch: int = 64) -> np.ndarray:
     """(N, T) positive-class probabilities, one column per task (logits come in pairs)."""
     model.eval()
-    logits = torch.from_numpy(_batched(model, x, bf16, batch, _device_of(model)))
+    logits = torch.from_numpy(_batched(model, x, bf16, batch, device_of(model)))
     return torch.softmax(logits.view(len(logits), -1, 2), 2)[..., 1].numpy()
 
 
@@ -347,13 +343,8 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
     bs = cfg.batch_size or preset["batch_size"]
     lr = cfg.lr or preset["lr"]
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    trained_on = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
-    if device.type == "cuda":
-        log(f"[train] training on {trained_on}")
-    elif cfg.bf16 and not cpu_has_fast_bf16():
-        log("[train] this CPU has no native bf16 (emulated bf16 is several times slower): training in fp32")
-        cfg = replace(cfg, bf16=False)
+    device, bf16, trained_on = training_device(cfg.device, cfg.bf16, log)
+    cfg = replace(cfg, bf16=bf16)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     work = Path(work_dir)
@@ -509,7 +500,7 @@ def train_classifier(manifest: str | Path, cfg: ClassifierConfig, work_dir: str 
 def embeddings_of(model, x: np.ndarray, bf16: bool, batch: int = 64) -> np.ndarray:
     """(N, embedding_dim) image embeddings of uint8 crops (eval mode, no augmentation)."""
     model.eval()
-    return _batched(model.embed, x, bf16, batch, _device_of(model)).astype(np.float64)
+    return _batched(model.embed, x, bf16, batch, device_of(model)).astype(np.float64)
 
 
 def fit_svm_head(model, x: np.ndarray, y: np.ndarray, tasks: Tuple[str, ...], bf16: bool, C: float = 1.0,

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from ..networks.segmenter import build_segmenter
 from ..progress import step_bar
-from ..segmentation import cpu_has_fast_bf16, resolve_device
 from ..segmentation import normalise_intensity
 from .augment import ultrasound_augmenter
+from .devices import device_of, training_device
 from .data import Case, load_grey, load_mask, read_manifest_csv
 from .splits import parse_folds, segmenter_split
 
@@ -78,7 +78,7 @@ def dice_scores(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 @torch.inference_mode()
 def predict_masks(model, imgs: np.ndarray, size: int, bf16: bool, batch: int = 32) -> np.ndarray:
     model.eval()
-    dev = next(model.parameters()).device
+    dev = device_of(model)
     out = []
     for s in range(0, len(imgs), batch):
         x = torch.from_numpy(imgs[s:s + batch]).float().unsqueeze(1).to(dev)
@@ -92,13 +92,8 @@ def predict_masks(model, imgs: np.ndarray, size: int, bf16: bool, batch: int = 3
 def train_segmenter(manifest: str | Path, out_dir: str | Path, cfg: SegmenterConfig = SegmenterConfig(),
                     work_dir: Optional[str | Path] = None, log=print) -> Dict:
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    trained_on = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
-    if device.type == "cuda":
-        log(f"[train] training on {trained_on}")
-    elif cfg.bf16 and not cpu_has_fast_bf16():
-        log("[train] this CPU has no native bf16 (emulated bf16 is several times slower): training in fp32")
-        cfg = replace(cfg, bf16=False)
+    device, bf16, trained_on = training_device(cfg.device, cfg.bf16, log)
+    cfg = replace(cfg, bf16=bf16)
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
